@@ -1,0 +1,15 @@
+"""leancnn: make convolutional networks cheaper to run, and prove it with honest measurements."""
+__version__ = "0.1.0"
+
+from .measure import count as profile  # noqa: E402
+from .methods import apply_methods, parse_method  # noqa: E402
+from .models import create_model  # noqa: E402
+
+
+def apply_method(model, spec: str):
+    """Apply one method spec ('psconv:k=4,period=4', 'PS4_P4') to a model before training."""
+    model, _ = apply_methods(model, [spec])
+    return model
+
+
+__all__ = ["__version__", "apply_method", "apply_methods", "create_model", "parse_method", "profile"]

@@ -1,0 +1,205 @@
+"""The one entry point: `leancnn <command>`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence, get_args, get_origin
+
+from . import __version__
+from .errors import LeancnnError
+
+HELP_KEYS = {
+    "data": "dataset name (see `leancnn datasets`)", "data_dir": "folder holding the dataset files",
+    "model": "model name (see `leancnn models`)", "width": "channel width multiplier",
+    "epochs": "training epochs", "batch_size": "images per step", "lr": "peak learning rate",
+    "schedule": "learning-rate schedule", "seed": "random seed (data order, init, augmentation)",
+    "train_subset": "train on this many images (seeded subset)", "test_subset": "evaluate on this many images",
+    "threads": "CPU threads (0 = all)", "out": "run directory", "device": "auto, cpu or cuda",
+    "measure": "fill MACs, storage and latency in result.json",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"leancnn: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig, config_fields
+
+    defaults = TrainConfig()
+    for name, hint in config_fields().items():
+        if name == "methods":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        text = f"{HELP_KEYS.get(name, name.replace('_', ' '))} (default: {default})"
+        args = [a for a in get_args(hint) if a is not type(None)]
+        base = args[0] if args and get_origin(hint) is not list else hint
+        if hint is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        elif get_origin(hint) is list:
+            parser.add_argument(flag, dest=name, type=int, nargs="+", default=argparse.SUPPRESS, help=text)
+        elif get_origin(base) is not None and get_args(base):  # Literal
+            parser.add_argument(flag, dest=name, choices=get_args(base), default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=base if base in (int, float) else str,
+                                default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--method", dest="methods", action="append", default=argparse.SUPPRESS,
+                        help="method spec, repeatable, applied in order: name:key=value,... (see `leancnn methods`)")
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import config_fields, load_config
+
+    overrides = {k: v for k, v in vars(args).items() if k in config_fields()}
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .experiment import train_run
+    from .report.table import print_result
+
+    config = _config_from_args(args)
+    outcome = train_run(config, resume=args.resume, progress=not args.no_progress)
+    if args.json:
+        _print_json({"run_dir": str(outcome.run_dir), **outcome.result})
+    else:
+        print_result(outcome.run_dir, outcome.result)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .report.table import print_runs
+    from .runs import list_runs
+
+    runs = list_runs(Path(args.root), dataset=args.data, model=args.model)
+    if args.json:
+        _print_json(runs)
+    else:
+        print_runs(runs, Path(args.root))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import MODELS
+
+    print("\n".join(MODELS.names()))
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+
+    for name in DATASETS.names():
+        doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:15s} {doc}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    names = METHODS.names()
+    if not names:
+        print("no methods registered yet")
+    for name in names:
+        cls = METHODS.get(name)
+        fields = ", ".join(f.name for f in dataclasses.fields(cls.Options))
+        aliases = f"  aliases: {', '.join(cls.aliases)}" if cls.aliases else ""
+        print(f"{name:10s} options: {fields or '-'}{aliases}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .commands.profile import run_profile
+
+    return run_profile(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .commands.evaluate import run_eval
+
+    return run_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="leancnn", description="Make CNNs cheaper to run, and measure it honestly.")
+    parser.add_argument("--version", action="version", version=f"leancnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a model (optionally with methods) into a run directory",
+                           description="Train a model into a run directory (config.toml, model.safetensors, "
+                                       "model.json, result.json, log.jsonl). Flags override --config.")
+    train.add_argument("--config", help="TOML file of config keys (flags override it)")
+    _add_config_flags(train)
+    train.add_argument("--resume", action="store_true", help="continue the unfinished run in --out from its last epoch")
+    train.add_argument("--json", action="store_true", help="print result.json's figures as JSON")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=cmd_train)
+
+    runs = sub.add_parser("runs", help="list recorded runs", description="List the runs recorded in ROOT/runs.db.")
+    runs.add_argument("--root", default="runs", help="output root holding runs.db (default: runs)")
+    runs.add_argument("--data", help="only runs on this dataset")
+    runs.add_argument("--model", help="only runs of this model")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+
+    for name, func, text in (("models", cmd_models, "list registered models"),
+                             ("datasets", cmd_datasets, "list registered datasets"),
+                             ("methods", cmd_methods, "list registered methods and their options")):
+        sub.add_parser(name, help=text, description=text).set_defaults(func=func)
+
+    profile = sub.add_parser("profile", help="params, MACs, storage and latency, per layer",
+                             description="Per-layer table and totals of parameters, MACs (dense and effective) "
+                                         "and storage; of a run, or of a registered model with --model.")
+    profile.add_argument("run", nargs="?", help="run directory")
+    profile.add_argument("--model", help="registered model name, instead of a run")
+    profile.add_argument("--input", default=None, help="input shape CxHxW (default: the run's, or 3x32x32)")
+    profile.add_argument("--classes", type=int, default=10, help="classes for --model (default 10)")
+    profile.add_argument("--width", type=float, default=1.0, help="width multiplier for --model")
+    profile.add_argument("--method", dest="methods", action="append", default=[], help="method spec, repeatable")
+    profile.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
+    profile.add_argument("--json", action="store_true", help="print figures as JSON")
+    profile.set_defaults(func=cmd_profile)
+
+    evaluate = sub.add_parser("eval", help="accuracy, and with --attack robust accuracy",
+                              description="Evaluate a run on its dataset's test split; --attack adds accuracy "
+                                          "under attack and records it in result.json's `robust`.")
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--attack", action="append", default=[],
+                          help="attack spec, repeatable: fgsm:eps=0.1 or pgd:eps=0.1,steps=20,step=0.025,random_start=false,norm=linf")
+    evaluate.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
+    evaluate.add_argument("--data-dir", default=None, help="dataset folder, if not the run's")
+    evaluate.add_argument("--batch-size", type=int, default=250)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except LeancnnError as exc:
+        print(f"leancnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leancnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The experiment config: one typed dataclass, TOML file as defaults, command-line
+flags on top. Unknown keys and wrong types are rejected naming the key."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+Schedule = Literal["onecycle", "cosine", "step"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    model: str = "resnet20"
+    width: float = 1.0             # channel multiplier
+    methods: list[str] = field(default_factory=list)  # specs, applied in order
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1                # peak learning rate, for batch_size images per step
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    schedule: Schedule = "onecycle"
+    warmup_fraction: float = 0.15  # onecycle/cosine: share of all steps spent warming up
+    step_milestones: list[int] = field(default_factory=lambda: [40, 80, 100, 115, 130, 140])  # epochs
+    step_gamma: float = 0.2
+    augment: bool = True
+    train_subset: int | None = None  # images; None = whole split
+    test_subset: int | None = None
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # 0 = torch's default (all cores)
+    channels_last: bool = True     # faster for convolutions on oneDNN CPUs and on GPUs
+    eval_batch_size: int = 500
+    measure: bool = True           # fill MACs, storage and latency in result.json
+    out: str | None = None         # run directory; default runs/<model>-<data>-s<seed>
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("width", self.width > 0, "must be > 0"),
+            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "must be in [0, 1)"),
+            ("threads", self.threads >= 0, "must be >= 0"),
+            ("train_subset", self.train_subset is None or self.train_subset >= 1, "must be >= 1"),
+            ("test_subset", self.test_subset is None or self.test_subset >= 1, "must be >= 1"),
+            ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "must be auto, cpu or cuda"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key {key!r} {why}, got {getattr(self, key)!r}")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{self.data}-s{self.seed}"
+
+
+def _check_type(key: str, value: Any, expected: Any, source: str) -> Any:
+    origin = get_origin(expected)
+    args = get_args(expected)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(args)}, got {value!r}")
+        return value
+    if args and type(None) in args:  # Optional
+        if value is None:
+            return None
+        return _check_type(key, value, next(a for a in args if a is not type(None)), source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key {key!r} expects a list, got {type(value).__name__}")
+        return [_check_type(key, v, args[0], source) for v in value]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got bool")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_fields() -> dict[str, Any]:
+    return get_type_hints(TrainConfig)
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    hints = config_fields()
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+        setattr(config, key, _check_type(key, value, hints[key], source))
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        # Allow the keys at the top level or under a [train] table.
+        if isinstance(values.get("train"), dict):
+            values = {**{k: v for k, v in values.items() if k != "train"}, **values["train"]}
+        apply_overrides(config, values, str(path))
+    if overrides:
+        apply_overrides(config, overrides, "command line")
+    return config.validate()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The resolved config; None values are left out (TOML has no null), which
+    reads back as the same defaults."""
+    lines = ["# resolved leancnn config: `leancnn train --config config.toml` repeats this run"]
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if value is not None:
+            lines.append(f"{item.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

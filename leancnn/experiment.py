@@ -1,0 +1,99 @@
+"""One training run, end to end: config -> data + model -> methods -> Trainer
+-> finalize -> measure -> run directory + runs database."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, to_toml
+from .data import ImageDataset, load_dataset
+from .errors import LeancnnError
+from .io import write_text
+from .measure import count, latency_table
+from .measure.latency import machine
+from .methods import Method, apply_methods
+from .models import create_model
+from .runs import empty_result, save_result, versions, write_log, write_model
+from .train import Trainer, evaluate
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    result: dict[str, Any]
+    model: nn.Module
+
+
+def prepare_data(config: TrainConfig) -> ImageDataset:
+    dataset = load_dataset(config.data, config.data_dir)
+    if config.train_subset or config.test_subset:
+        dataset = dataset.subset(config.train_subset, config.test_subset, seed=config.seed)
+    return dataset
+
+
+def model_kwargs(config: TrainConfig, dataset: ImageDataset) -> dict[str, Any]:
+    return {"num_classes": dataset.num_classes, "in_channels": dataset.in_channels, "width": config.width,
+            "mean": list(dataset.mean), "std": list(dataset.std)}
+
+
+def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[nn.Module, list[Method], dict[str, Any]]:
+    torch.manual_seed(config.seed)
+    kwargs = model_kwargs(config, dataset)
+    model = create_model(config.model, **kwargs)
+    model, methods = apply_methods(model, config.methods)
+    architecture = {"model": config.model, "model_kwargs": kwargs, "methods": [m.spec() for m in methods],
+                    "input_shape": list(dataset.input_shape)}
+    return model, methods, architecture
+
+
+def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
+                 latency: bool = True) -> None:
+    profile = count(model, input_shape)
+    result.update(profile.totals())
+    if latency:
+        model_cpu = model
+        if next(model.parameters()).device.type != "cpu":
+            return
+        result["latency_ms"] = latency_table(model_cpu, input_shape)
+
+
+def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    run_dir = config.run_dir()
+    if run_dir.exists() and (run_dir / "result.json").exists() and not resume:
+        raise LeancnnError(f"{run_dir}: a finished run is already there; choose another --out or delete it")
+    if run_dir.exists() and not resume and (run_dir / "checkpoint").exists():
+        raise LeancnnError(f"{run_dir}: holds an unfinished run; continue it with --resume or choose another --out")
+    dataset = prepare_data(config)
+    model, methods, architecture = build_model(config, dataset)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.toml", to_toml(config))
+    trainer = Trainer(model, dataset, config, methods=methods, checkpoint_dir=run_dir / "checkpoint",
+                      progress=progress, on_epoch=lambda entry: (write_log(run_dir, trainer.state.log),
+                                                                 on_epoch and on_epoch(entry)))
+    state = trainer.fit(resume=resume)
+    model = trainer.model
+    for method in methods:
+        model = method.finalize(model)
+    model = model.to(memory_format=torch.contiguous_format)
+    test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
+    result = empty_result()
+    result.update(dataset=config.data, model=config.model, methods=architecture["methods"], epochs=config.epochs,
+                  seed=config.seed, test_acc=test.top1, test_top5=test.top5, train_seconds=round(state.seconds, 3),
+                  versions={**versions(), "machine": machine()})
+    model_cpu = model.cpu()
+    if config.measure:
+        measure_into(result, model_cpu, dataset.input_shape)
+    else:
+        result.update({k: v for k, v in count(model_cpu, dataset.input_shape).totals().items()
+                       if k in ("params_total", "params_nonzero")})
+    write_model(run_dir, model_cpu, architecture)
+    write_log(run_dir, state.log)
+    save_result(run_dir, result)
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    return RunOutcome(run_dir, result, model_cpu)

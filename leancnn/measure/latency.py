@@ -1,0 +1,109 @@
+"""Honest CPU latency: pinned threads, warm-up, many timed runs, median and p90,
+with the machine recorded next to every figure."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads_default": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class Latency:
+    batch_size: int
+    threads: int
+    memory_format: str
+    median_ms: float
+    p90_ms: float
+    runs: int
+    backend: str = "torch"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int | None = None,
+                    channels_last: bool = True, warmup: int = 5, runs: int = 20,
+                    min_seconds: float = 0.0) -> Latency:
+    """Time model(x) for a batch; at least `runs` timed runs (and `min_seconds`)."""
+    threads = threads or torch.get_num_threads()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    model_in_format = model.to(memory_format=memory_format)
+    x = torch.rand(batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
+    times = []
+    with num_threads(threads):
+        for _ in range(warmup):
+            model_in_format(x)
+        started = time.perf_counter()
+        while len(times) < runs or time.perf_counter() - started < min_seconds:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            model_in_format(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - begin) * 1000.0)
+    model.train(was_training)
+    return Latency(batch_size, threads, "channels_last" if channels_last else "contiguous",
+                   statistics.median(times), quantile(times, 0.9), len(times))
+
+
+def latency_key(batch_size: int, threads: int) -> str:
+    return f"batch{batch_size}_threads{threads}"
+
+
+def latency_table(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64), threads_list=None,
+                  runs: int = 20) -> dict[str, float]:
+    """result.json's latency_ms: 'batch{B}_threads{T}' -> median ms, the faster memory format."""
+    threads_list = threads_list or sorted({1, torch.get_num_threads()})
+    table = {}
+    for threads in threads_list:
+        for batch_size in batch_sizes:
+            best = min(measure_latency(model, input_shape, batch_size=batch_size, threads=threads,
+                                       channels_last=fmt, runs=runs).median_ms for fmt in (True, False))
+            table[latency_key(batch_size, threads)] = round(best, 4)
+    return table

@@ -1,0 +1,4 @@
+"""Method registry: each method module registers itself on import."""
+from .base import METHODS, Method, apply_methods, parse_method, register_method
+
+__all__ = ["METHODS", "Method", "apply_methods", "parse_method", "register_method"]

@@ -1,0 +1,107 @@
+"""The method protocol and registry. A method acts at up to three moments:
+prepare (before training), training hooks, finalize (after training)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+from ..spec import build_options, format_spec, split_spec
+
+if TYPE_CHECKING:
+    from ..train.trainer import Trainer
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class Method:
+    """Base class: override what the method needs; every hook is optional.
+
+    `prepare` must be deterministic given the options (and the model), because
+    loading a saved run rebuilds the architecture by calling it again before the
+    weights are loaded.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    # Aliases users know from the papers: alias -> options, e.g. "PS4_P4".
+    aliases: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def spec(self) -> str:
+        return format_spec(self.name, self.options)
+
+    # -- before training ---------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # -- training hooks ----------------------------------------------------
+    def before_training(self, trainer: "Trainer") -> None:
+        pass
+
+    def loss(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Return a replacement for the training loss of this batch, or None."""
+        return None
+
+    def after_backward(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_step(self, trainer: "Trainer") -> None:
+        pass
+
+    def after_epoch(self, trainer: "Trainer", epoch: int) -> dict[str, Any] | None:
+        """May return figures to log for this epoch."""
+        return None
+
+    # -- state that must survive a resume ------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- after training ----------------------------------------------------
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS.register(cls.name)(cls)
+    return cls
+
+
+def _alias_index() -> dict[str, tuple[str, dict[str, str]]]:
+    index = {}
+    for name in METHODS:
+        for alias, options in METHODS.get(name).aliases.items():
+            index[alias.lower()] = (name, options)
+    return index
+
+
+def parse_method(spec: str) -> Method:
+    """'psconv:k=4,period=4' or a paper alias ('PS4_P4') -> a Method instance."""
+    name, raw = split_spec(spec)
+    alias = _alias_index().get(name.lower())
+    if alias is not None and name not in METHODS:
+        name, defaults = alias
+        raw = {**defaults, **raw}
+    cls = METHODS.get(name)
+    return cls(build_options(cls.Options, raw, f"method {name!r}"))
+
+
+def apply_methods(model: nn.Module, specs: list[str]) -> tuple[nn.Module, list[Method]]:
+    methods = [parse_method(s) for s in specs]
+    for method in methods:
+        model = method.prepare(model)
+    return model, methods

@@ -1,0 +1,80 @@
+"""Terminal tables (rich) for results, runs and profiles."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def fmt_count(value: Any) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.0f}"
+
+
+def fmt_bytes(value: Any) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def fmt_pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def print_result(run_dir: Path, result: dict[str, Any]) -> None:
+    table = Table(title=f"run {run_dir}", show_header=False)
+    rows = [("dataset", result["dataset"]), ("model", result["model"]),
+            ("methods", ", ".join(result["methods"]) or "-"), ("epochs", result["epochs"]),
+            ("test accuracy", fmt_pct(result["test_acc"])), ("test top-5", fmt_pct(result["test_top5"])),
+            ("params (non-zero / total)", f"{fmt_count(result['params_nonzero'])} / {fmt_count(result['params_total'])}"),
+            ("MACs per image (effective / dense)", f"{fmt_count(result['macs_effective'])} / {fmt_count(result['macs_dense'])}"),
+            ("storage", fmt_bytes(result["storage_bytes"])), ("train seconds", result["train_seconds"])]
+    for key, value in (result.get("latency_ms") or {}).items():
+        rows.append((f"latency {key} (ms, median)", f"{value:.3f}"))
+    for key, value in (result.get("robust") or {}).items():
+        rows.append((f"accuracy under {key}", fmt_pct(value)))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
+    if not runs:
+        Console().print(f"no runs recorded in {root}")
+        return
+    table = Table(title=f"runs in {root}")
+    for column in ("run", "dataset", "model", "methods", "epochs", "acc", "params nz", "MACs eff"):
+        table.add_column(column)
+    for run in runs:
+        table.add_row(Path(run["run_dir"]).name, run["dataset"], run["model"], ", ".join(run["methods"]) or "-",
+                      str(run["epochs"]), fmt_pct(run["test_acc"]), fmt_count(run["params_nonzero"]),
+                      fmt_count(run["macs_effective"]))
+    Console().print(table)
+
+
+def print_profile(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+    table = Table(title=title)
+    for column in ("layer", "kind", "output", "params", "non-zero", "MACs dense", "MACs eff", "storage", "format"):
+        table.add_column(column, justify="left" if column in ("layer", "kind", "format") else "right")
+    for row in rows:
+        table.add_row(row["name"], row["kind"], "x".join(map(str, row["output_shape"])), fmt_count(row["params"]),
+                      fmt_count(row["params_nonzero"]), fmt_count(row["macs_dense"]), fmt_count(row["macs_effective"]),
+                      fmt_bytes(row["storage_bytes"]), row["storage_format"])
+    table.add_row("total", "", "", fmt_count(totals["params_total"]), fmt_count(totals["params_nonzero"]),
+                  fmt_count(totals["macs_dense"]), fmt_count(totals["macs_effective"]),
+                  fmt_bytes(totals["storage_bytes"]), "", style="bold")
+    Console().print(table)
+    dense, effective = totals["macs_dense"], totals["macs_effective"]
+    if effective:
+        Console().print(f"MACs per image: {dense:,} dense, {effective:,} effective ({dense / effective:.2f}x fewer)")

@@ -1,0 +1,136 @@
+"""Run directories and the runs database.
+
+A run directory holds config.toml, model.safetensors, model.json, result.json,
+log.jsonl and checkpoint/. Every run is also a row of `runs.db` (SQLite) in
+the run directory's parent, the output root.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LeancnnError
+from .io import load_tensors, save_tensors, write_json, write_text
+
+RESULT_KEYS = ("dataset", "model", "methods", "epochs", "seed", "test_acc", "test_top5", "params_total",
+               "params_nonzero", "macs_dense", "macs_effective", "storage_bytes", "latency_ms", "robust",
+               "train_seconds", "versions")
+DB_NAME = "runs.db"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from . import __version__
+
+    return {"leancnn": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def empty_result() -> dict[str, Any]:
+    return {key: None for key in RESULT_KEYS}
+
+
+def write_model(run_dir: Path, model: nn.Module, architecture: dict[str, Any]) -> None:
+    """Weights as safetensors plus what rebuilds the architecture (model.json)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(run_dir / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
+    write_json(run_dir / "model.json", architecture)
+
+
+def write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
+    write_text(run_dir / "log.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LeancnnError(f"{path}: not found; is {path.parent} a leancnn run directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LeancnnError(f"{path}: not valid JSON ({exc})") from None
+
+
+def build_architecture(architecture: dict[str, Any]) -> tuple[nn.Module, list]:
+    """Rebuild a model (methods applied) from model.json's description."""
+    from .methods import apply_methods
+    from .models import create_model
+
+    model = create_model(architecture["model"], **architecture["model_kwargs"])
+    return apply_methods(model, architecture.get("methods", []))
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, model.json contents); weights never unpickled."""
+    run_dir = Path(run_dir)
+    architecture = read_json(run_dir / "model.json")
+    model, _ = build_architecture(architecture)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise LeancnnError(f"{weights}: not found")
+    state = load_tensors(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LeancnnError(f"{weights}: does not fit the architecture in model.json ({first})") from None
+    return model.eval(), architecture
+
+
+def save_result(run_dir: Path, result: dict[str, Any]) -> None:
+    missing = [k for k in RESULT_KEYS if k not in result]
+    if missing:
+        raise ValueError(f"result is missing keys {missing}")
+    write_json(run_dir / "result.json", result)
+    record_run(run_dir, result)
+
+
+# -- the runs database ---------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_dir TEXT PRIMARY KEY,
+    recorded REAL,
+    dataset TEXT, model TEXT, methods TEXT, epochs INTEGER, seed INTEGER,
+    test_acc REAL, params_nonzero INTEGER, macs_effective INTEGER,
+    result TEXT
+)"""
+
+
+def _connect(root: Path) -> sqlite3.Connection:
+    root.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(root / DB_NAME, timeout=30)
+    connection.execute(_SCHEMA)
+    return connection
+
+
+def record_run(run_dir: Path, result: dict[str, Any]) -> None:
+    run_dir = run_dir.resolve()
+    with _connect(run_dir.parent) as connection:
+        connection.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (str(run_dir), time.time(), result["dataset"], result["model"], json.dumps(result["methods"]),
+             result["epochs"], result["seed"], result["test_acc"], result["params_nonzero"],
+             result["macs_effective"], json.dumps(result)))
+
+
+def list_runs(root: Path, *, dataset: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+    if not (root / DB_NAME).is_file():
+        return []
+    query, args = "SELECT run_dir, result FROM runs WHERE 1=1", []
+    if dataset:
+        query += " AND dataset = ?"
+        args.append(dataset)
+    if model:
+        query += " AND model = ?"
+        args.append(model)
+    with _connect(root) as connection:
+        rows = connection.execute(query + " ORDER BY recorded", args).fetchall()
+    return [{"run_dir": run_dir, **json.loads(result)} for run_dir, result in rows]

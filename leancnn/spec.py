@@ -1,0 +1,82 @@
+"""Parsing of `name:key=value,key=value` specs (methods, attacks) into typed
+dataclass options."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from .errors import ConfigError
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'pgd:eps=0.1,steps=20' -> ('pgd', {'eps': '0.1', 'steps': '20'}).
+    A bare word after the colon ('vip:sensitivity') becomes {'sensitivity': 'true'}."""
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise ConfigError(f"empty name in spec {spec!r}")
+    options: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        options[key.strip()] = value.strip() if eq else "true"
+    return name.strip(), options
+
+
+def _convert(value: str, target: Any, where: str) -> Any:
+    origin = typing.get_origin(target)
+    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+        args = [a for a in typing.get_args(target) if a is not type(None)]
+        if value.lower() in ("none", "null", "") and len(args) < len(typing.get_args(target)):
+            return None
+        for arg in args:
+            try:
+                return _convert(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: cannot read {value!r} as {target}")
+    if typing.get_origin(target) is typing.Literal:
+        choices = typing.get_args(target)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    try:
+        if target is bool:
+            lowered = value.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if target is int:
+            return int(value)
+        if target is float:
+            if "/" in value:  # '8/255' is how attack budgets are usually written
+                num, den = value.split("/")
+                return float(num) / float(den)
+            return float(value)
+        if target is str:
+            return value
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a valid {target.__name__}") from None
+    raise ConfigError(f"{where}: unsupported option type {target}")
+
+
+def build_options(cls: type, raw: dict[str, str], where: str) -> Any:
+    """Fill dataclass `cls` from string options, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            allowed = ", ".join(names) or "(none)"
+            raise ConfigError(f"{where}: unknown option {key!r}; allowed: {allowed}")
+        values[key] = _convert(value, hints[key], f"{where} option {key!r}")
+    return cls(**values)
+
+
+def format_spec(name: str, options: Any) -> str:
+    """Inverse of split_spec + build_options, for records."""
+    if options is None or not dataclasses.is_dataclass(options):
+        return name
+    items = [f"{f.name}={getattr(options, f.name)}" for f in dataclasses.fields(options)]
+    return f"{name}:{','.join(items)}" if items else name

@@ -1,0 +1,3 @@
+from .trainer import EvalResult, Trainer, TrainState, evaluate
+
+__all__ = ["EvalResult", "TrainState", "Trainer", "evaluate"]
