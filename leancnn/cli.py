@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence, get_args, get_origin
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 from . import __version__
 from .errors import LeancnnError
@@ -37,13 +37,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         text = f"{HELP_KEYS.get(name, name.replace('_', ' '))} (default: {default})"
-        args = [a for a in get_args(hint) if a is not type(None)]
-        base = args[0] if args and get_origin(hint) is not list else hint
-        if hint is bool:
+        base = hint
+        if get_origin(hint) not in (list, Literal):  # Optional[X] -> X
+            base = next((a for a in get_args(hint) if a is not type(None)), hint)
+        if base is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        elif get_origin(hint) is list:
+        elif get_origin(base) is list:
             parser.add_argument(flag, dest=name, type=int, nargs="+", default=argparse.SUPPRESS, help=text)
-        elif get_origin(base) is not None and get_args(base):  # Literal
+        elif get_origin(base) is Literal:
             parser.add_argument(flag, dest=name, choices=get_args(base), default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, dest=name, type=base if base in (int, float) else str,
@@ -68,7 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .report.table import print_result
 
     config = _config_from_args(args)
-    outcome = train_run(config, resume=args.resume, progress=not args.no_progress)
+
+    def report_epoch(entry: dict[str, Any]) -> None:
+        if not args.json:
+            print(f"epoch {entry['epoch']}/{config.epochs}: train loss {entry['train_loss']:.4f}, "
+                  f"test acc {100 * entry['test_acc']:.2f}%, {entry['images_per_second']:.0f} img/s, "
+                  f"{entry['seconds']:.1f} s", flush=True)
+
+    outcome = train_run(config, resume=args.resume, progress=not args.no_progress, on_epoch=report_epoch)
     if args.json:
         _print_json({"run_dir": str(outcome.run_dir), **outcome.result})
     else:

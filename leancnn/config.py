@@ -42,7 +42,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # 0 = torch's default (all cores)
-    channels_last: bool = True     # faster for convolutions on oneDNN CPUs and on GPUs
+    # None = auto: on for CUDA; off for CPU training, where contiguous measured
+    # 1.2x faster for resnet20 on this project's 2-core machines.
+    channels_last: bool | None = None
     eval_batch_size: int = 500
     measure: bool = True           # fill MACs, storage and latency in result.json
     out: str | None = None         # run directory; default runs/<model>-<data>-s<seed>

@@ -64,6 +64,13 @@ def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[in
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    from .data import DATASETS
+    from .methods import parse_method
+    from .models import MODELS
+
+    MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
+    for spec in config.methods:
+        parse_method(spec)
     run_dir = config.run_dir()
     if run_dir.exists() and (run_dir / "result.json").exists() and not resume:
         raise LeancnnError(f"{run_dir}: a finished run is already there; choose another --out or delete it")

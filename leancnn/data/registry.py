@@ -163,11 +163,11 @@ def imagefolder(data_dir: Path | None = None) -> ImageDataset:
     test_name = next((n for n in ("test", "val") if (root / n).is_dir()), None)
     if (root / "train").is_dir() and test_name:
         classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-        train = _read_class_folders(root / "train", classes, None)
-        test = _read_class_folders(root / test_name, classes, tuple(train[0].shape[1:]))
+        train = _read_class_folders(root / "train", classes, None, None)
+        test = _read_class_folders(root / test_name, classes, train[0].shape[1], tuple(train[0].shape[2:]))
     else:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        images, labels = _read_class_folders(root, classes, None)
+        images, labels = _read_class_folders(root, classes, None, None)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
         cut = max(1, len(images) // 10)
         train = images[order[cut:]], labels[order[cut:]]
@@ -178,7 +178,8 @@ def imagefolder(data_dir: Path | None = None) -> ImageDataset:
                         crop_padding=max(1, train[0].shape[-1] // 8), horizontal_flip=True)
 
 
-def _read_class_folders(root: Path, classes: list[str], size) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_class_folders(root: Path, classes: list[str], channels: int | None,
+                        size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     paths, labels = [], []
     for label, name in enumerate(classes):
         found = list_images(root / name) if (root / name).is_dir() else []
@@ -186,7 +187,8 @@ def _read_class_folders(root: Path, classes: list[str], size) -> tuple[torch.Ten
         labels += [label] * len(found)
     if not paths:
         raise DataError(f"{root}: no images found in its class folders")
-    channels = 1 if all(p.suffix.lower() == ".pgm" for p in paths) else None
+    if channels is None and all(p.suffix.lower() == ".pgm" for p in paths):
+        channels = 1
     images = stack_images(paths, channels, size)
     return images, torch.tensor(labels)
 

@@ -89,7 +89,8 @@ class Trainer:
         self.progress = progress
         self.on_epoch = on_epoch
         self.device = resolve_device(config.device)
-        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._build_optimizer()
@@ -200,7 +201,7 @@ class Trainer:
                                  "images_per_second": round(seen / max(seconds, 1e-9), 1)}
         test = evaluate(self.model, self.dataset.test_images, self.dataset.test_labels,
                         batch_size=self.config.eval_batch_size, device=self.device,
-                        channels_last=self.config.channels_last)
+                        channels_last=self.memory_format == torch.channels_last)
         entry.update(test_acc=test.top1, test_top5=test.top5, test_loss=test.loss)
         for method in self.methods:
             extra = method.after_epoch(self, epoch)

@@ -1,0 +1,46 @@
+"""Shared fixtures. Tests that need the real Fashion-MNIST skip with the reason
+when it is absent (CI installs it with `make setup`)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leancnn.config import TrainConfig
+from leancnn.data import load_dataset
+from leancnn.errors import DataError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and one thread keeps the
+    # suite's time steady when something else is using the other core.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    try:
+        return load_dataset("fashion-mnist")
+    except DataError as exc:
+        pytest.skip(str(exc))
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    """A config that trains in about a second on the synthetic dataset."""
+    values = dict(data="synthetic", model="resnet20", width=0.25, epochs=1, batch_size=32, lr=0.05,
+                  train_subset=600, test_subset=300, threads=1, measure=False, out=str(tmp_path / "run"))
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+@pytest.fixture(scope="session")
+def trained_fmnist(tmp_path_factory, fashion_mnist):
+    """A small model trained on a Fashion-MNIST subset, shared by the measurement tests."""
+    from leancnn.experiment import train_run
+
+    out = tmp_path_factory.mktemp("fmnist") / "run"
+    config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=2, train_subset=8000,
+                         test_subset=1000, measure=False, out=str(out)).validate()
+    outcome = train_run(config, progress=False)
+    return outcome
