@@ -33,6 +33,12 @@ class Method:
     # Aliases users know from the papers: alias -> options, e.g. "PS4_P4".
     aliases: ClassVar[dict[str, dict[str, str]]] = {}
 
+    @classmethod
+    def parse_alias(cls, name: str) -> dict[str, str] | None:
+        """Options for a paper's name of a setting ('PS4_P4'), or None."""
+        lowered = {alias.lower(): options for alias, options in cls.aliases.items()}
+        return lowered.get(name.lower())
+
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
 
@@ -81,19 +87,19 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _alias_index() -> dict[str, tuple[str, dict[str, str]]]:
-    index = {}
-    for name in METHODS:
-        for alias, options in METHODS.get(name).aliases.items():
-            index[alias.lower()] = (name, options)
-    return index
+def _resolve_alias(name: str) -> tuple[str, dict[str, str]] | None:
+    for method_name in METHODS:
+        options = METHODS.get(method_name).parse_alias(name)
+        if options is not None:
+            return method_name, options
+    return None
 
 
 def parse_method(spec: str) -> Method:
     """'psconv:k=4,period=4' or a paper alias ('PS4_P4') -> a Method instance."""
     name, raw = split_spec(spec)
-    alias = _alias_index().get(name.lower())
-    if alias is not None and name not in METHODS:
+    alias = None if name in METHODS else _resolve_alias(name)
+    if alias is not None:
         name, defaults = alias
         raw = {**defaults, **raw}
     cls = METHODS.get(name)

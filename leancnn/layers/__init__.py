@@ -1,0 +1,4 @@
+"""The methods' layers."""
+from .psconv import PSConv2d
+
+__all__ = ["PSConv2d"]

@@ -1,0 +1,94 @@
+"""Counting: MACs dense and effective, parameters, storage, the layer protocol."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from leancnn.cli import main
+from leancnn.errors import LeancnnError
+from leancnn.measure import LayerCost, count
+from leancnn.measure.counting import tensor_storage
+from leancnn.models import MODELS, create_model
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", 0.556e9), ("vgg16", 0.313e9)])
+def test_dense_macs_match_the_papers(name, expected):
+    profile = count(create_model(name, num_classes=10), (3, 32, 32))
+    assert abs(profile.macs_dense - expected) / expected < 0.01
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_agrees_with_torch_flop_counter(name):
+    model = create_model(name, num_classes=10, in_channels=3, width=0.5).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    profile = count(model, (3, 32, 32))
+    assert 2 * profile.macs_dense == counter.get_total_flops()  # FlopCounterMode reports 2 x MACs
+    assert profile.macs_effective == profile.macs_dense  # a fresh dense model has no zeros
+    assert profile.params_total == sum(p.numel() for p in model.parameters())
+
+
+def test_masked_convolution_effective_macs_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+    mask = torch.rand_like(conv.weight) < 0.3
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    profile = count(nn.Sequential(conv), (8, 15, 15))
+    out_h = out_w = 8
+    nonzero = int(mask.sum())
+    assert profile.macs_effective == nonzero * out_h * out_w
+    assert profile.macs_dense == conv.weight.numel() * out_h * out_w
+    assert profile.params_nonzero == nonzero
+
+
+def test_sparse_storage_uses_csr_with_index_cost():
+    weight = torch.zeros(10, 100)
+    weight[:, :5] = 1.0
+    storage, fmt = tensor_storage(weight)
+    assert fmt == "csr" and storage == 50 * (4 + 4) + 11 * 4
+    assert tensor_storage(torch.ones(10, 100)) == (4000, "dense")
+
+
+class DeclaredCostLayer(nn.Module):
+    """A custom layer that reports its own cost; its inner conv must not count twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def leancnn_cost(self, inputs, output):
+        return LayerCost(macs_dense=1000, macs_effective=123, params=7, params_nonzero=7, storage_bytes=28,
+                         storage_format="custom")
+
+
+def test_layer_protocol_counts_custom_layers_once():
+    model = nn.Sequential(DeclaredCostLayer(), nn.Conv2d(4, 2, 1, bias=False))
+    profile = count(model, (4, 5, 5))
+    kinds = [row.kind for row in profile.layers]
+    assert kinds == ["DeclaredCostLayer", "Conv2d"]
+    assert profile.macs_effective == 123 + 4 * 2 * 25
+    assert profile.macs_dense == 1000 + 4 * 2 * 25
+
+
+def test_input_shape_that_does_not_fit():
+    with pytest.raises(LeancnnError, match="input shape 3x32x32 does not fit the model"):
+        count(create_model("resnet20", in_channels=1), (3, 32, 32))
+
+
+def test_profile_cli_json(capsys):
+    assert main(["profile", "--model", "resnet18", "--input", "3x32x32", "--json"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    for key in ("params_total", "params_nonzero", "macs_dense", "macs_effective", "storage_bytes"):
+        assert isinstance(output[key], int) and output[key] > 0
+    assert abs(output["macs_dense"] - 0.556e9) / 0.556e9 < 0.01
+    assert output["layers"][0]["name"] == "features.0.0"
+    assert main(["profile", "--model", "resnet18", "--input", "3x32"]) == 2
+    assert "expected CxHxW" in capsys.readouterr().err

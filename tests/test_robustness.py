@@ -1,0 +1,116 @@
+"""Attacks: FGSM and PGD in [0, 1] pixel space, checked on a trained model and
+against an independent implementation (torchattacks)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leancnn.cli import main
+from leancnn.errors import ConfigError
+from leancnn.measure import parse_attack, robust_accuracy
+from leancnn.measure.latency import measure_latency
+from leancnn.runs import load_run
+from leancnn.train import evaluate
+
+SAMPLE = 300
+
+
+@pytest.fixture(scope="module")
+def model_and_data(trained_fmnist, fashion_mnist):
+    model, _ = load_run(trained_fmnist.run_dir)
+    images = fashion_mnist.test_images[:SAMPLE].float() / 255
+    labels = fashion_mnist.test_labels[:SAMPLE]
+    return model, images, labels
+
+
+def test_pgd_with_zero_eps_is_clean_accuracy(model_and_data):
+    model, images, labels = model_and_data
+    clean = evaluate(model, images, labels).top1
+    assert robust_accuracy(model, images, labels, parse_attack("pgd:eps=0"), progress=False) == clean
+    assert robust_accuracy(model, images, labels, parse_attack("fgsm:eps=0"), progress=False) == clean
+
+
+def test_attack_strength_ordering(model_and_data):
+    model, images, labels = model_and_data
+    noise = 0.02  # 6 of 300 images
+    clean = evaluate(model, images, labels).top1
+    fgsm = robust_accuracy(model, images, labels, parse_attack("fgsm", "fashion-mnist"), progress=False)
+    pgd10 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=10", "fashion-mnist"), progress=False)
+    pgd20 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=20", "fashion-mnist"), progress=False)
+    assert clean > 0.6, "the fixture model must be trained for these checks to mean anything"
+    assert pgd10 <= fgsm + noise <= clean + 2 * noise
+    assert pgd20 <= pgd10 + noise
+    assert fgsm < clean - 0.1, "eps 0.1 must hurt an undefended model"
+
+
+def test_pgd_matches_torchattacks(model_and_data):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, images, labels = model_and_data
+    eps, step, steps = 0.1, 0.025, 10
+    ours = robust_accuracy(model, images, labels,
+                           parse_attack(f"pgd:eps={eps},step={step},steps={steps},random_start=false"),
+                           progress=False)
+    attack = torchattacks.PGD(model.eval(), eps=eps, alpha=step, steps=steps, random_start=False)
+    adversarial = attack(images, labels)
+    with torch.no_grad():
+        theirs = (model(adversarial).argmax(1) == labels).float().mean().item()
+    assert abs(ours - theirs) <= 0.01, (ours, theirs)
+
+
+def test_attack_restores_training_mode(model_and_data):
+    model, images, labels = model_and_data
+    model.train()
+    parse_attack("pgd:eps=0.05,steps=2")(model, images[:8], labels[:8])
+    assert model.training
+    model.eval()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cw", "unknown attack 'cw'; choose one of: fgsm, pgd"),
+    ("pgd:eps=-0.1", "eps must be >= 0"),
+    ("pgd:steps=0", "steps must be >= 1"),
+    ("pgd:norm=l7", "'l7' is not one of linf, l2"),
+    ("pgd:epsilon=0.1", "unknown option 'epsilon'; allowed: eps, step, steps, random_start, norm"),
+])
+def test_bad_attack_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_attack(spec)
+
+
+def test_default_eps_by_dataset():
+    assert parse_attack("pgd", "fashion-mnist").options.eps == 0.1
+    assert parse_attack("pgd", "cifar10").options.eps == pytest.approx(8 / 255)
+    assert parse_attack("fgsm:eps=8/255").options.eps == pytest.approx(8 / 255)
+
+
+def test_l2_pgd_stays_in_ball(model_and_data):
+    model, images, labels = model_and_data
+    adversarial = parse_attack("pgd:eps=0.5,norm=l2,steps=3")(model, images[:16], labels[:16])
+    norms = (adversarial - images[:16]).flatten(1).norm(dim=1)
+    assert norms.max() <= 0.5 + 1e-5 and adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_eval_and_profile_cli_on_a_trained_run(trained_fmnist, capsys):
+    run = str(trained_fmnist.run_dir)
+    code = main(["eval", run, "--attack", "fgsm", "--attack", "pgd:steps=5", "--test-subset", "200",
+                 "--json", "--no-progress"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["robust"]) == {"fgsm", "pgd"}
+    stored = json.loads((trained_fmnist.run_dir / "result.json").read_text())
+    assert stored["robust"] == printed["robust"]
+    assert main(["profile", run, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["macs_dense"] == trained_fmnist.result["macs_dense"] or \
+        trained_fmnist.result["macs_dense"] is None
+    assert main(["eval", run, "--attack", "pgd:eps=-1"]) == 2
+    assert "eps must be >= 0" in capsys.readouterr().err
+
+
+def test_latency_reports_median_and_p90():
+    from leancnn.models import create_model
+
+    stat = measure_latency(create_model("resnet20", width=0.25, in_channels=1), (1, 16, 16), batch_size=2,
+                           threads=1, runs=20)
+    assert stat.runs >= 20 and 0 < stat.median_ms <= stat.p90_ms
