@@ -18,7 +18,7 @@ HELP_KEYS = {
     "schedule": "learning-rate schedule", "seed": "random seed (data order, init, augmentation)",
     "train_subset": "train on this many images (seeded subset)", "test_subset": "evaluate on this many images",
     "threads": "CPU threads (0 = all)", "out": "run directory", "device": "auto, cpu or cuda",
-    "measure": "fill MACs, storage and latency in result.json",
+    "latency": "measure CPU latency (batch 1 and 64) into result.json",
 }
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     # 1.2x faster for resnet20 on this project's 2-core machines.
     channels_last: bool | None = None
     eval_batch_size: int = 500
-    measure: bool = True           # fill MACs, storage and latency in result.json
+    latency: bool = True           # measure CPU latency into result.json (MACs and storage are always counted)
     out: str | None = None         # run directory; default runs/<model>-<data>-s<seed>
 
     def validate(self) -> "TrainConfig":

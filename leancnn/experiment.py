@@ -53,13 +53,10 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[nn.Module, 
 
 def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
                  latency: bool = True) -> None:
-    profile = count(model, input_shape)
-    result.update(profile.totals())
-    if latency:
-        model_cpu = model
-        if next(model.parameters()).device.type != "cpu":
-            return
-        result["latency_ms"] = latency_table(model_cpu, input_shape)
+    """Counts always (cheap); CPU latency only when asked (seconds)."""
+    result.update(count(model, input_shape).totals())
+    if latency and next(model.parameters()).device.type == "cpu":
+        result["latency_ms"] = latency_table(model, input_shape)
 
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -94,11 +91,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
                   seed=config.seed, test_acc=test.top1, test_top5=test.top5, train_seconds=round(state.seconds, 3),
                   versions={**versions(), "machine": machine()})
     model_cpu = model.cpu()
-    if config.measure:
-        measure_into(result, model_cpu, dataset.input_shape)
-    else:
-        result.update({k: v for k, v in count(model_cpu, dataset.input_shape).totals().items()
-                       if k in ("params_total", "params_nonzero")})
+    measure_into(result, model_cpu, dataset.input_shape, latency=config.latency)
     write_model(run_dir, model_cpu, architecture)
     write_log(run_dir, state.log)
     save_result(run_dir, result)

@@ -29,7 +29,7 @@ def fashion_mnist():
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
     """A config that trains in about a second on the synthetic dataset."""
     values = dict(data="synthetic", model="resnet20", width=0.25, epochs=1, batch_size=32, lr=0.05,
-                  train_subset=600, test_subset=300, threads=1, measure=False, out=str(tmp_path / "run"))
+                  train_subset=600, test_subset=300, threads=1, latency=False, out=str(tmp_path / "run"))
     values.update(overrides)
     return TrainConfig(**values).validate()
 
@@ -41,6 +41,6 @@ def trained_fmnist(tmp_path_factory, fashion_mnist):
 
     out = tmp_path_factory.mktemp("fmnist") / "run"
     config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=2, train_subset=8000,
-                         test_subset=1000, measure=False, out=str(out)).validate()
+                         test_subset=1000, latency=False, out=str(out)).validate()
     outcome = train_run(config, progress=False)
     return outcome

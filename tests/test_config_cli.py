@@ -77,7 +77,7 @@ def test_version_and_listings(capsys):
 def test_train_cli_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "exp.toml"
-    config.write_text('data = "synthetic"\nwidth = 0.25\nepochs = 1\nmeasure = false\n')
+    config.write_text('data = "synthetic"\nwidth = 0.25\nepochs = 1\nlatency = false\n')
     code = main(["train", "--config", str(config), "--out", "runs/a", "--json", "--no-progress"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)

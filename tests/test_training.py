@@ -62,7 +62,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_run_directory_contract(tmp_path):
-    outcome = train_run(tiny_config(tmp_path, epochs=2, measure=True), progress=False)
+    outcome = train_run(tiny_config(tmp_path, epochs=2, latency=True), progress=False)
     run_dir = outcome.run_dir
     for name in ("config.toml", "model.safetensors", "model.json", "result.json", "log.jsonl"):
         assert (run_dir / name).is_file(), name

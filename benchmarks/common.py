@@ -1,0 +1,34 @@
+"""Helpers every benchmark uses: pinned threads, the machine's description, medians."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from leancnn.measure.latency import cpu_model  # noqa: E402
+
+
+def pin_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def machine_line() -> str:
+    return (f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"python {platform.python_version()}, threads {torch.get_num_threads()}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
