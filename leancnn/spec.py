@@ -3,6 +3,7 @@ dataclass options."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -24,7 +25,7 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def _convert(value: str, target: Any, where: str) -> Any:
     origin = typing.get_origin(target)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(target) if a is not type(None)]
         if value.lower() in ("none", "null", "") and len(args) < len(typing.get_args(target)):
             return None

@@ -28,7 +28,8 @@ def test_agrees_with_torch_flop_counter(name):
         model(torch.zeros(1, 3, 32, 32))
     profile = count(model, (3, 32, 32))
     assert 2 * profile.macs_dense == counter.get_total_flops()  # FlopCounterMode reports 2 x MACs
-    assert profile.macs_effective == profile.macs_dense  # a fresh dense model has no zeros
+    # A fresh dense model: effective equals dense but for weights that happened to be drawn as exact zeros.
+    assert profile.macs_dense * 0.9999 <= profile.macs_effective <= profile.macs_dense
     assert profile.params_total == sum(p.numel() for p in model.parameters())
 
 
