@@ -71,6 +71,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     run_dir = config.run_dir()
     if run_dir.exists() and (run_dir / "result.json").exists() and not resume:
         raise LeancnnError(f"{run_dir}: a finished run is already there; choose another --out or delete it")
+    if resume and (run_dir / "result.json").exists():
+        raise LeancnnError(f"{run_dir}: this run already finished; nothing to resume")
     if run_dir.exists() and not resume and (run_dir / "checkpoint").exists():
         raise LeancnnError(f"{run_dir}: holds an unfinished run; continue it with --resume or choose another --out")
     dataset = prepare_data(config)
@@ -97,3 +99,17 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     save_result(run_dir, result)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     return RunOutcome(run_dir, result, model_cpu)
+
+
+def ensure_run(config: TrainConfig, *, progress: bool = True,
+               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The result of the run in config.run_dir(): read when finished, resumed
+    when a checkpoint is there, trained otherwise. Lets long benchmarks be
+    killed and started again without losing work."""
+    import json
+
+    run_dir = config.run_dir()
+    if (run_dir / "result.json").is_file():
+        return json.loads((run_dir / "result.json").read_text())
+    resume = (run_dir / "checkpoint").is_dir()
+    return train_run(config, resume=resume, progress=progress, on_epoch=on_epoch).result

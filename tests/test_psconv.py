@@ -125,3 +125,19 @@ def test_saved_run_reloads_with_identical_outputs(tmp_path):
 def test_misfit_options_fail_clearly(spec, model_name, message):
     with pytest.raises(ConfigError, match=message):
         apply_methods(create_model(model_name), [spec])
+
+
+def test_inference_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    layer = PSConv2d(4, 6, k=2, period=3)
+    x = torch.rand(2, 4, 7, 7)
+    reference = lambda: nn.functional.conv2d(x, layer.weight * layer.mask, layer.bias, padding=1)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference())
+        layer.weight.add_(1.0)  # an in-place change must invalidate the cached masked weight
+        assert torch.equal(layer(x), reference())
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    other = PSConv2d(4, 6, k=2, period=3)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(other(x), reference())

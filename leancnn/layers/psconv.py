@@ -96,6 +96,8 @@ class PSConv2d(nn.Conv2d):
                                              dense_every=dense_every, assign=assign, seed=seed)
         self.register_buffer("support_patterns", patterns)
         self.register_buffer("support_index", index.to(torch.uint8 if len(patterns) < 256 else torch.int32))
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
         self.apply_mask_()
 
     @classmethod
@@ -112,15 +114,31 @@ class PSConv2d(nn.Conv2d):
 
     @property
     def mask(self) -> torch.Tensor:
-        """Boolean [C_out, C_in / groups, 3, 3] support mask."""
-        return self.support_patterns[self.support_index.long()].view_as(self.weight)
+        """Boolean [C_out, C_in / groups, 3, 3] support mask (cached: it changes only on load)."""
+        index = self.support_index
+        key = (index.data_ptr(), index._version, self.support_patterns._version, index.device)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            self._mask_cache = (key, self.support_patterns[index.long()].view_as(self.weight))
+        return self._mask_cache[1]
+
+    def masked_weight(self) -> torch.Tensor:
+        """weight * mask; without autograd it is cached until the weight changes
+        in place (its version counter moves), so inference pays nothing per call."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return self.weight * self.mask
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype, id(self.mask))
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = (key, weight * self.mask)
+        return self._weight_cache[1]
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
         self.weight.mul_(self.mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * self.mask
+        weight = self.masked_weight()
         if self.padding_mode != "zeros":
             return super()._conv_forward(x, weight, self.bias)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

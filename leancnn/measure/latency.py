@@ -65,8 +65,10 @@ def quantile(values: list[float], q: float) -> float:
 @torch.no_grad()
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int | None = None,
                     channels_last: bool = True, warmup: int = 5, runs: int = 20,
-                    min_seconds: float = 0.0) -> Latency:
-    """Time model(x) for a batch; at least `runs` timed runs (and `min_seconds`)."""
+                    min_seconds: float = 0.0, warmup_seconds: float = 0.3) -> Latency:
+    """Time model(x) for a batch: warm up for `warmup` runs and at least
+    `warmup_seconds` (caches, oneDNN primitive creation, CPU clocks), then at
+    least `runs` timed runs (and `min_seconds`)."""
     threads = threads or torch.get_num_threads()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     was_training = model.training
@@ -76,8 +78,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_siz
     x = torch.rand(batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
     times = []
     with num_threads(threads):
-        for _ in range(warmup):
+        warm_start = time.perf_counter()
+        done = 0
+        while done < warmup or time.perf_counter() - warm_start < warmup_seconds:
             model_in_format(x)
+            done += 1
         started = time.perf_counter()
         while len(times) < runs or time.perf_counter() - started < min_seconds:
             if device.type == "cuda":
