@@ -23,8 +23,7 @@ data: $(STAMP)
 	@$(PY) -m leancnn.data.ensure fashion-mnist
 
 demo: setup
-	$(VENV)/bin/leancnn train --data fashion-mnist --model resnet20 --width 0.5 --epochs 1 \
-		--train-subset 10000 --test-subset 2000 --out runs/demo-$$(date +%s)
+	$(VENV)/bin/leancnn bench --quick --out bench/quick
 
 test: setup
 	$(PY) -m pytest -q

@@ -138,6 +138,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .commands.bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .commands.bench import run_report_command
+
+    return run_report_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="leancnn", description="Make CNNs cheaper to run, and measure it honestly.")
     parser.add_argument("--version", action="version", version=f"leancnn {__version__}")
@@ -190,6 +202,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="the main job: compare methods on one dataset (table, Pareto plots, report)",
+                           description="Train a dense baseline and every registered method at a few strengths, "
+                                       "measure them the same way, and write OUT/results.{md,csv}, OUT/pareto_*.png "
+                                       "and OUT/report.html. Finished candidates are skipped on a second run.")
+    bench.add_argument("--data", default="fashion-mnist", help="dataset (default fashion-mnist)")
+    bench.add_argument("--data-dir", default=None)
+    bench.add_argument("--model", default=None, help="model (default resnet20)")
+    bench.add_argument("--width", type=float, default=None, help="width multiplier (default 1.0; --quick: 0.5)")
+    bench.add_argument("--methods", nargs="+", default=None,
+                       help="methods or specs to compare (default: every registered method at its bench strengths)")
+    bench.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default 5; --quick: 2)")
+    bench.add_argument("--train-subset", type=int, default=None, help="training images (default all; --quick: 8000)")
+    bench.add_argument("--test-subset", type=int, default=None, help="test images (default all; --quick: 2000)")
+    bench.add_argument("--budget-minutes", type=float, default=None,
+                       help="cut epochs, then training images, so the bench fits; says what it cut")
+    bench.add_argument("--attack", action="append", default=[], help="also measure accuracy under this attack (repeatable)")
+    bench.add_argument("--quick", action="store_true", help="a small real bench for a first look: resnet20 width 0.5, 2 epochs on 8000 images (about 2-3 minutes on 2 cores)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="bench", help="output folder (default bench/)")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--no-progress", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    report = sub.add_parser("report", help="HTML report, table and plots of chosen runs",
+                            description="Build the bench report (table, Pareto plots, report.html) from run directories.")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", default="report", help="output folder (default report/)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

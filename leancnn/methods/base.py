@@ -32,6 +32,10 @@ class Method:
     Options: ClassVar[type] = NoOptions
     # Aliases users know from the papers: alias -> options, e.g. "PS4_P4".
     aliases: ClassVar[dict[str, dict[str, str]]] = {}
+    # The strengths `leancnn bench` tries by default (specs); empty: not benched.
+    bench_specs: ClassVar[list[str]] = []
+    # True for methods that act on a trained run (`leancnn compress`), not before training.
+    post_training: ClassVar[bool] = False
 
     @classmethod
     def parse_alias(cls, name: str) -> dict[str, str] | None:
@@ -41,6 +45,9 @@ class Method:
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    def validate(self) -> None:
+        """Raise ConfigError for options that cannot work, before anything is built."""
 
     def spec(self) -> str:
         return format_spec(self.name, self.options)
@@ -103,7 +110,9 @@ def parse_method(spec: str) -> Method:
         name, defaults = alias
         raw = {**defaults, **raw}
     cls = METHODS.get(name)
-    return cls(build_options(cls.Options, raw, f"method {name!r}"))
+    method = cls(build_options(cls.Options, raw, f"method {name!r}"))
+    method.validate()
+    return method
 
 
 def apply_methods(model: nn.Module, specs: list[str]) -> tuple[nn.Module, list[Method]]:

@@ -35,6 +35,7 @@ class PSConv(Method):
 
     name = "psconv"
     Options = PSConvOptions
+    bench_specs = ["PS4_P4", "PSD2_P8", "PS1_P9"]
 
     @classmethod
     def parse_alias(cls, name: str) -> dict[str, str] | None:
@@ -43,7 +44,7 @@ class PSConv(Method):
             return None
         return {"k": match.group(2), "period": match.group(3), "dense_every": "true" if match.group(1) else "false"}
 
-    def check(self) -> None:
+    def validate(self) -> None:
         o = self.options
         if not 1 <= o.k <= TAPS:
             raise ConfigError(f"method 'psconv': k must be in 1..9 (taps of a 3x3 kernel), got {o.k}")
@@ -70,7 +71,6 @@ class PSConv(Method):
         return chosen
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        self.check()
         o = self.options
         for name in self.targets(model):
             conv = model.get_submodule(name)

@@ -1,0 +1,234 @@
+"""`leancnn bench`: train a dense baseline and every registered method at a few
+strengths on one dataset, measure them all the same way, and answer with a
+table, Pareto plots and a self-contained HTML report.
+
+Every candidate is an ordinary run under OUT/runs/ (recorded in OUT/runs/runs.db);
+a finished one is skipped and an unfinished one resumed, so a killed bench
+continues where it stopped. A candidate that fails is reported with its error
+and does not stop the others.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .errors import LeancnnError
+from .io import write_text
+from .measure import measure_latency
+from .measure.latency import cpu_model
+from .report.html import write_report
+from .report.pareto import pareto_front
+from .report.plots import plot_front
+from .runs import load_run
+
+# --quick: about 2 minutes on 2 idle cores for the default candidates, still real training on real data.
+QUICK = {"model": "resnet20", "width": 0.5, "epochs": 2, "train_subset": 8000, "test_subset": 2000}
+
+
+@dataclass
+class Candidate:
+    label: str
+    methods: list[str]
+
+
+@dataclass
+class BenchPlan:
+    data: str
+    model: str
+    width: float
+    epochs: int
+    train_subset: int | None
+    test_subset: int | None
+    candidates: list[Candidate]
+    seed: int = 0
+    data_dir: str | None = None
+    cuts: list[str] = field(default_factory=list)
+
+
+def default_candidates(method_names: list[str] | None = None) -> list[Candidate]:
+    from .methods import METHODS
+
+    candidates = [Candidate("dense", [])]
+    names = method_names if method_names else [n for n in METHODS.names() if METHODS.get(n).bench_specs]
+    for name in names:
+        if ":" in name or name not in METHODS:  # an explicit spec or a paper alias
+            candidates.append(Candidate(name, [name]))
+            continue
+        cls = METHODS.get(name)
+        if cls.post_training:
+            continue
+        specs = cls.bench_specs or [name]
+        candidates += [Candidate(spec if spec != name else name, [spec]) for spec in specs]
+    return candidates
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _seconds_per_image(plan: BenchPlan) -> float:
+    """Training seconds per image of the dense model, from a short probe."""
+    from .data import load_dataset
+    from .models import create_model
+
+    dataset = load_dataset(plan.data, plan.data_dir)
+    model = create_model(plan.model, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
+                         width=plan.width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(64, *dataset.input_shape)
+    y = torch.randint(0, dataset.num_classes, (64,))
+    timings = []
+    for _ in range(4):
+        started = time.perf_counter()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        timings.append(time.perf_counter() - started)
+    return min(timings[1:]) / 64
+
+
+def fit_budget(plan: BenchPlan, budget_minutes: float, train_size: int) -> BenchPlan:
+    """Cut epochs, then the training subset, so all candidates fit the budget.
+    Evaluation and latency are given 25% of the budget."""
+    per_image = _seconds_per_image(plan) * 1.15  # masks and hooks cost a little more than the dense probe
+    available = budget_minutes * 60 * 0.75 / max(len(plan.candidates), 1)
+    images = plan.train_subset or train_size
+    if plan.epochs * images * per_image <= available:
+        return plan
+    epochs = max(1, int(available // (images * per_image)))
+    if epochs < plan.epochs:
+        plan.cuts.append(f"epochs {plan.epochs} -> {epochs}")
+        plan.epochs = epochs
+    if epochs * images * per_image > available:
+        subset = max(1000, int(available / (epochs * per_image)))
+        plan.cuts.append(f"training images {images} -> {subset}")
+        plan.train_subset = subset
+    return plan
+
+
+def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bool) -> dict[str, Any]:
+    from .experiment import ensure_run
+
+    run_dir = out / "runs" / slug(candidate.label)
+    config = TrainConfig(data=plan.data, data_dir=plan.data_dir, model=plan.model, width=plan.width,
+                         methods=candidate.methods, epochs=plan.epochs, train_subset=plan.train_subset,
+                         test_subset=plan.test_subset, seed=plan.seed, latency=False, out=str(run_dir)).validate()
+    result = ensure_run(config, progress=progress)
+    model, architecture = load_run(run_dir)
+    shape = tuple(architecture["input_shape"])
+    for batch in (1, 64):
+        result[f"latency_b{batch}_ms"] = min(
+            measure_latency(model, shape, batch_size=batch, channels_last=cl, runs=20 if batch == 1 else 10).median_ms
+            for cl in (True, False))
+    return {"label": candidate.label, "run_dir": str(run_dir), **result}
+
+
+COLUMNS = ["candidate", "test acc", "robust acc", "params nz", "MACs eff", "storage",
+           "b1 ms", "b64 ms", "speed-up b64", "MAC ratio", "error"]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], set[int]]:
+    from .report.table import fmt_bytes, fmt_count, fmt_pct
+
+    dense = next((r for r in rows if r["label"] == "dense" and not r.get("error")), None)
+    ok = [i for i, r in enumerate(rows) if not r.get("error")]
+    front = {ok[i] for i in pareto_front([rows[i]["macs_effective"] for i in ok], [rows[i]["test_acc"] for i in ok])}
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            lines.append([row["label"]] + ["-"] * 9 + [row["error"]])
+            continue
+        robust = row.get("robust") or {}
+        speedup = (f"{dense['latency_b64_ms'] / row['latency_b64_ms']:.2f}x" if dense else "-")
+        mac_ratio = (f"{dense['macs_effective'] / row['macs_effective']:.2f}x" if dense else "-")
+        lines.append([row["label"], fmt_pct(row["test_acc"]),
+                      ", ".join(f"{k} {fmt_pct(v)}" for k, v in robust.items()) or "-",
+                      fmt_count(row["params_nonzero"]), fmt_count(row["macs_effective"]),
+                      fmt_bytes(row["storage_bytes"]), f"{row['latency_b1_ms']:.2f}", f"{row['latency_b64_ms']:.1f}",
+                      speedup, mac_ratio, ""])
+    return lines, front
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list[str]) -> dict[str, Path]:
+    lines, front = table_rows(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = ["label", "test_acc", "test_top5", "params_total", "params_nonzero", "macs_dense", "macs_effective",
+            "storage_bytes", "latency_b1_ms", "latency_b64_ms", "robust", "train_seconds", "run_dir", "error"]
+    writer.writerow(keys)
+    for row in rows:
+        writer.writerow([json.dumps(row.get(k)) if isinstance(row.get(k), dict) else row.get(k, "") for k in keys])
+    write_text(out / "results.csv", buffer.getvalue())
+    md = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for index, line in enumerate(lines):
+        cells = [f"**{line[0]}**" if index in front else line[0]] + line[1:]
+        md.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    write_text(out / "results.md", "\n".join(notes) + "\n\n" + "\n".join(md) + "\n\nBold: on the accuracy/effective-MACs Pareto front.\n")
+    ok = [r for r in rows if not r.get("error")]
+    plots = [plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {axis}")
+             for axis in ("macs", "latency", "storage")]
+    report = write_report(out / "report.html", title, COLUMNS, lines, front, [p for p in plots if p], notes)
+    return {"report": report, "csv": out / "results.csv", "markdown": out / "results.md",
+            **{f"plot_{p.stem}": p for p in plots if p}}
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    lines, front = table_rows(rows)
+    show_errors = any(line[-1] for line in lines)
+    columns = COLUMNS if show_errors else COLUMNS[:-1]
+    table = Table(title=title, caption="bold: on the accuracy/effective-MACs Pareto front; b1/b64: latency at batch 1/64")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("candidate", "error") else "right")
+    for index, line in enumerate(lines):
+        table.add_row(*line[:len(columns)], style="bold" if index in front else None)
+    console = Console()
+    if not console.is_terminal:  # pipes and logs get the whole table, not an 80-column squeeze
+        console = Console(width=200)
+    console.print(table)
+
+
+def run_bench(plan: BenchPlan, out: Path, *, progress: bool = True, attacks: list[str] | None = None) -> list[dict[str, Any]]:
+    from .commands.evaluate import attack_run
+
+    rows = []
+    for number, candidate in enumerate(plan.candidates, 1):
+        print(f"[{number}/{len(plan.candidates)}] {candidate.label}", flush=True)
+        try:
+            row = run_candidate(plan, candidate, out, progress)
+            if attacks:
+                row["robust"] = attack_run(Path(row["run_dir"]), attacks, test_subset=min(plan.test_subset or 1000, 1000),
+                                           progress=progress)
+        except (LeancnnError, RuntimeError, ValueError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"    failed: {message}", flush=True)
+            row = {"label": candidate.label, "error": message}
+        rows.append(row)
+    return rows
+
+
+def describe(plan: BenchPlan) -> list[str]:
+    subset = f"{plan.train_subset} training images" if plan.train_subset else "the full training set"
+    test = f"{plan.test_subset} test images" if plan.test_subset else "the full test set"
+    notes = [f"{plan.data}, {plan.model} width {plan.width}, {plan.epochs} epoch(s) on {subset}, accuracy on {test}, seed {plan.seed}.",
+             f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+             f"latency is the median over runs, the faster memory format."]
+    if plan.cuts:
+        notes.append("Cut to fit the budget: " + "; ".join(plan.cuts) + ".")
+    return notes
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

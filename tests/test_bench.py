@@ -1,0 +1,70 @@
+"""The main job: Pareto fronts on hand-made results, and `leancnn bench` end to end on synthetic data."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leancnn.bench import BenchPlan, Candidate, default_candidates, run_bench, write_outputs
+from leancnn.cli import main
+from leancnn.report.pareto import pareto_front
+
+
+def test_pareto_front_on_hand_made_points():
+    #          a     b     c     d     e     f
+    costs = [10.0, 20.0, 15.0, 30.0, 20.0, 10.0]
+    accs = [0.80, 0.90, 0.78, 0.89, 0.85, 0.80]
+    # c costs more than a and is less accurate; d costs more than b and is less accurate;
+    # e costs the same as b and is less accurate; f duplicates a (the first stays).
+    assert pareto_front(costs, accs) == [0, 1]
+    assert pareto_front([1, 2, 3], [0.1, 0.2, 0.3]) == [0, 1, 2]
+    assert pareto_front([3, 2, 1], [0.1, 0.2, 0.3]) == [2]
+    assert pareto_front([], []) == []
+
+
+def test_default_candidates_cover_registered_methods():
+    labels = [c.label for c in default_candidates()]
+    assert labels[0] == "dense" and {"PS4_P4", "PSD2_P8", "PS1_P9"} <= set(labels)
+    assert [c.methods for c in default_candidates(["psconv:k=2,period=6"])][1] == ["psconv:k=2,period=6"]
+
+
+def _plan(candidates):
+    return BenchPlan(data="synthetic", model="resnet20", width=0.25, epochs=1, train_subset=400, test_subset=200,
+                     candidates=candidates)
+
+
+def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
+    candidates = [Candidate("dense", []), Candidate("PS4_P4", ["PS4_P4"]),
+                  Candidate("broken", ["psconv:layers=nothing-matches"])]
+    rows = run_bench(_plan(candidates), tmp_path, progress=False)
+    assert [r["label"] for r in rows] == ["dense", "PS4_P4", "broken"]
+    assert "no 3x3 convolution to convert" in rows[2]["error"]
+    assert rows[1]["macs_effective"] < rows[0]["macs_effective"]
+    files = write_outputs(rows, tmp_path, "test bench", ["a note"])
+    html = files["report"].read_text()
+    assert "data:image/png;base64," in html and "PS4_P4" in html and "no 3x3 convolution" in html
+    assert files["plot_pareto_macs"].read_bytes().startswith(b"\x89PNG")
+    assert "PS4_P4" in files["markdown"].read_text()
+    assert len(files["csv"].read_text().splitlines()) == 4
+    first_result = (tmp_path / "runs" / "dense" / "result.json").stat().st_mtime_ns
+    again = run_bench(_plan(candidates[:1]), tmp_path, progress=False)
+    assert (tmp_path / "runs" / "dense" / "result.json").stat().st_mtime_ns == first_result, "finished runs are skipped"
+    assert again[0]["test_acc"] == rows[0]["test_acc"]
+
+
+def test_bench_cli_rejects_bad_specs_before_training(tmp_path, capsys):
+    code = main(["bench", "--data", "synthetic", "--methods", "psconv:k=12", "--out", str(tmp_path / "b")])
+    assert code == 2
+    assert "k must be in 1..9" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_report_command_from_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, extra in (("d", []), ("p", ["--method", "PS1_P9"])):
+        assert main(["train", "--data", "synthetic", "--width", "0.25", "--epochs", "1", "--train-subset", "300",
+                     "--test-subset", "100", "--out", f"runs/{name}", "--no-progress", "--json", *extra]) == 0
+    capsys.readouterr()
+    assert main(["report", "runs/d", "runs/p", "--out", "rep"]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+    assert "psconv:k=1" in (tmp_path / "rep" / "results.md").read_text()
