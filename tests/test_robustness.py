@@ -114,3 +114,23 @@ def test_latency_reports_median_and_p90():
     stat = measure_latency(create_model("resnet20", width=0.25, in_channels=1), (1, 16, 16), batch_size=2,
                            threads=1, runs=20)
     assert stat.runs >= 20 and 0 < stat.median_ms <= stat.p90_ms
+
+
+def test_onnxruntime_latency_backend():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import onnxruntime
+
+    from leancnn.measure.onnx_latency import export_onnx, measure_onnx_latency
+    from leancnn.methods import apply_methods
+    from leancnn.models import create_model
+
+    model, _ = apply_methods(create_model("resnet20", width=0.25, in_channels=1), ["PS4_P4"])
+    model.eval()
+    session = onnxruntime.InferenceSession(export_onnx(model, (1, 16, 16)), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected, atol=1e-5)
+    stat = measure_onnx_latency(model, (1, 16, 16), batch_size=2, runs=20)
+    assert stat.backend == "onnxruntime" and 0 < stat.median_ms <= stat.p90_ms

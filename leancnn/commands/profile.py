@@ -9,6 +9,7 @@ from ..errors import LeancnnError
 from ..measure import count, latency_table
 from ..measure.counting import parse_input_shape
 from ..measure.latency import machine
+from ..measure.onnx_latency import measure_onnx_latency, onnx_available
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -36,10 +37,16 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.latency:
         output["latency_ms"] = latency_table(model, input_shape)
         output["machine"] = machine()
+        if onnx_available():  # the deployed figure, when the onnx extra is installed
+            output["latency_ms_onnxruntime"] = {
+                f"batch{b}_threads{t}": round(measure_onnx_latency(model, input_shape, batch_size=b, threads=t).median_ms, 4)
+                for t in sorted({1, machine()["threads_default"]}) for b in (1, 64)}
     if args.json:
         print(json.dumps(output, indent=2))
     else:
         print_profile(title, output["layers"], totals)
         for key, value in output.get("latency_ms", {}).items():
-            print(f"latency {key}: {value:.3f} ms (median)")
+            print(f"latency {key}: {value:.3f} ms (median, PyTorch)")
+        for key, value in output.get("latency_ms_onnxruntime", {}).items():
+            print(f"latency {key}: {value:.3f} ms (median, ONNX Runtime)")
     return 0

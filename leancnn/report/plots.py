@@ -40,7 +40,8 @@ def plot_front(rows: list[dict[str, Any]], axis: str, path: Path, title: str) ->
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.12, y=0.12)  # room for the labels of the outermost points
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
