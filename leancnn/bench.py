@@ -52,6 +52,7 @@ class BenchPlan:
     candidates: list[Candidate]
     seed: int = 0
     data_dir: str | None = None
+    threads: int = 0  # 0 = torch's default (all cores)
     cuts: list[str] = field(default_factory=list)
 
 
@@ -122,13 +123,15 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
     run_dir = out / "runs" / slug(candidate.label)
     config = TrainConfig(data=plan.data, data_dir=plan.data_dir, model=plan.model, width=plan.width,
                          methods=candidate.methods, epochs=plan.epochs, train_subset=plan.train_subset,
-                         test_subset=plan.test_subset, seed=plan.seed, latency=False, out=str(run_dir)).validate()
+                         test_subset=plan.test_subset, seed=plan.seed, threads=plan.threads, latency=False,
+                         out=str(run_dir)).validate()
     result = ensure_run(config, progress=progress)
     model, architecture = load_run(run_dir)
     shape = tuple(architecture["input_shape"])
     for batch in (1, 64):
         result[f"latency_b{batch}_ms"] = min(
-            measure_latency(model, shape, batch_size=batch, channels_last=cl, runs=20 if batch == 1 else 10).median_ms
+            measure_latency(model, shape, batch_size=batch, threads=plan.threads or None, channels_last=cl,
+                            runs=20 if batch == 1 else 10).median_ms
             for cl in (True, False))
     return {"label": candidate.label, "run_dir": str(run_dir), **result}
 
@@ -183,8 +186,9 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from .report.table import console
 
     lines, front = table_rows(rows)
     show_errors = any(line[-1] for line in lines)
@@ -194,10 +198,7 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         table.add_column(column, justify="left" if column in ("candidate", "error") else "right")
     for index, line in enumerate(lines):
         table.add_row(*line[:len(columns)], style="bold" if index in front else None)
-    console = Console()
-    if not console.is_terminal:  # pipes and logs get the whole table, not an 80-column squeeze
-        console = Console(width=200)
-    console.print(table)
+    console().print(table)
 
 
 def run_bench(plan: BenchPlan, out: Path, *, progress: bool = True, attacks: list[str] | None = None) -> list[dict[str, Any]]:
@@ -223,7 +224,7 @@ def describe(plan: BenchPlan) -> list[str]:
     subset = f"{plan.train_subset} training images" if plan.train_subset else "the full training set"
     test = f"{plan.test_subset} test images" if plan.test_subset else "the full test set"
     notes = [f"{plan.data}, {plan.model} width {plan.width}, {plan.epochs} epoch(s) on {subset}, accuracy on {test}, seed {plan.seed}.",
-             f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+             f"Machine: {cpu_model()}, torch {torch.__version__}, {plan.threads or torch.get_num_threads()} thread(s); "
              f"latency is the median over runs, the faster memory format."]
     if plan.cuts:
         notes.append("Cut to fit the budget: " + "; ".join(plan.cuts) + ".")

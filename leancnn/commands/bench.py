@@ -26,7 +26,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      epochs=args.epochs or quick.get("epochs", 5),
                      train_subset=args.train_subset or quick.get("train_subset"),
                      test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,
-                     seed=args.seed, data_dir=args.data_dir)
+                     seed=args.seed, data_dir=args.data_dir, threads=args.threads)
     if args.budget_minutes:
         train_size = len(load_dataset(args.data, args.data_dir).train_labels)
         fit_budget(plan, args.budget_minutes, train_size)

@@ -25,6 +25,8 @@ def _image_tag(path: Path) -> str:
 
 def write_report(path: Path, title: str, columns: list[str], rows: list[list[str]], front_rows: set[int],
                  plots: list[Path], notes: list[str]) -> Path:
+    if columns and columns[-1] == "error" and not any(row[-1] for row in rows):
+        columns, rows = columns[:-1], [row[:-1] for row in rows]  # no failures: no empty column
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for index, row in enumerate(rows):

@@ -8,6 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+def console() -> Console:
+    """A console that gives pipes and logs whole tables, not an 80-column squeeze."""
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=200)
+
+
 def fmt_count(value: Any) -> str:
     if value is None:
         return "-"
@@ -46,12 +52,12 @@ def print_result(run_dir: Path, result: dict[str, Any]) -> None:
         rows.append((f"accuracy under {key}", fmt_pct(value)))
     for key, value in rows:
         table.add_row(key, str(value))
-    Console().print(table)
+    console().print(table)
 
 
 def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
     if not runs:
-        Console().print(f"no runs recorded in {root}")
+        console().print(f"no runs recorded in {root}")
         return
     table = Table(title=f"runs in {root}")
     for column in ("run", "dataset", "model", "methods", "epochs", "acc", "params nz", "MACs eff"):
@@ -60,7 +66,7 @@ def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
         table.add_row(Path(run["run_dir"]).name, run["dataset"], run["model"], ", ".join(run["methods"]) or "-",
                       str(run["epochs"]), fmt_pct(run["test_acc"]), fmt_count(run["params_nonzero"]),
                       fmt_count(run["macs_effective"]))
-    Console().print(table)
+    console().print(table)
 
 
 def print_profile(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:
@@ -74,7 +80,7 @@ def print_profile(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]
     table.add_row("total", "", "", fmt_count(totals["params_total"]), fmt_count(totals["params_nonzero"]),
                   fmt_count(totals["macs_dense"]), fmt_count(totals["macs_effective"]),
                   fmt_bytes(totals["storage_bytes"]), "", style="bold")
-    Console().print(table)
+    console().print(table)
     dense, effective = totals["macs_dense"], totals["macs_effective"]
     if effective:
-        Console().print(f"MACs per image: {dense:,} dense, {effective:,} effective ({dense / effective:.2f}x fewer)")
+        console().print(f"MACs per image: {dense:,} dense, {effective:,} effective ({dense / effective:.2f}x fewer)")
