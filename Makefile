@@ -11,8 +11,10 @@ TORCH_VERSION ?= 2.13.0
 setup: $(STAMP) data
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@# Keep a torch that is already in the venv; otherwise take the CPU build on disk.
+	@# A torch the user already has (system site-packages) is kept: the venv then sees it.
+	@test -x $(PY) || { if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi; }
+	@# Keep a torch that is already in the venv; otherwise install the pinned CPU build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[test]"
 	@# The PGD cross-check library, without its torchvision requirement (a multi-GB CUDA build).
