@@ -1,0 +1,58 @@
+"""The `csr` method: swap dense convolutions for channel-split recurrent
+convolutions before training (Wu et al., WACV 2023). See leancnn.layers.csrconv."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers.csrconv import CSRConv2d
+from .base import Method, register_method
+from .surgery import replace_module
+
+
+@dataclass
+class CSROptions:
+    T: int = 2              # recurrent steps: parameters fall to about 2 / T^2
+    layers: str = "auto"    # auto: every dense conv but the first; 1x1 or 3x3: only that kernel size; or globs joined by '+'
+
+
+@register_method
+class CSR(Method):
+    """Channel-split recurrent convolution (CSR-Conv), T steps."""
+
+    name = "csr"
+    Options = CSROptions
+    bench_specs = ["csr:T=2", "csr:T=4"]
+
+    def validate(self) -> None:
+        if self.options.T < 1:
+            raise ConfigError(f"method 'csr': T must be >= 1, got {self.options.T}")
+
+    def targets(self, model: nn.Module) -> list[str]:
+        convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
+        first = convs[0][0] if convs else None
+        dense = [(n, m) for n, m in convs if m.groups == 1 and n != first]
+        choice = self.options.layers
+        if choice == "auto":
+            chosen = [n for n, _ in dense]
+        elif choice in ("1x1", "3x3"):
+            size = int(choice[0])
+            chosen = [n for n, m in dense if m.kernel_size == (size, size)]
+        else:
+            chosen = [n for n, _ in dense if any(fnmatch.fnmatchcase(n, p) for p in choice.split("+"))]
+        if not chosen:
+            raise ConfigError(f"method 'csr': no dense convolution matches layers={choice!r}")
+        return chosen
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        steps = self.options.T
+        for name in self.targets(model):
+            conv = model.get_submodule(name)
+            if steps > min(conv.in_channels, conv.out_channels):
+                raise ConfigError(f"method 'csr': T={steps} is larger than the channel count of layer {name} "
+                                  f"({conv.in_channels} in, {conv.out_channels} out)")
+            replace_module(model, name, CSRConv2d.from_conv(conv, steps))
+        return model

@@ -1,0 +1,102 @@
+"""CSR-Conv and ViP layers: shapes, parameter formula, interpolation rule, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from leancnn.errors import ConfigError
+from leancnn.io import load_tensors, save_tensors
+from leancnn.layers import CSRConv2d, VirtualPool, virtual_upsample
+from leancnn.measure import count
+from leancnn.methods import apply_methods
+from leancnn.models import create_model
+
+
+@pytest.mark.parametrize("c_in, c_out, steps, kernel", [(16, 16, 2, 3), (16, 32, 4, 3), (10, 7, 3, 3),
+                                                         (5, 13, 4, 1), (64, 96, 4, 1), (3, 3, 1, 3)])
+def test_csr_shapes_and_parameter_count(c_in, c_out, steps, kernel):
+    layer = CSRConv2d(c_in, c_out, kernel, bias=True, steps=steps)
+    out = layer(torch.rand(2, c_in, 9, 9))
+    assert out.shape == (2, c_out, 9, 9)
+    params = sum(p.numel() for p in layer.parameters())
+    assert params == CSRConv2d.expected_params(c_in, c_out, kernel, steps, bias=True)
+
+
+def test_csr_stride_two_and_first_group_is_plain_convolution():
+    torch.manual_seed(0)
+    layer = CSRConv2d(8, 8, 3, stride=2, steps=2)
+    x = torch.rand(1, 8, 10, 10)
+    out = layer(x)
+    assert out.shape == (1, 8, 5, 5)
+    first = nn.functional.conv2d(x[:, :4], layer.input_conv.weight, layer.input_conv.bias, stride=2, padding=1)
+    assert torch.allclose(out[:, :4], first, atol=1e-6)
+
+
+def test_csr_method_parameters_follow_the_formula():
+    model, _ = apply_methods(create_model("resnet20", in_channels=1), ["csr:T=4"])
+    layers = [m for m in model.modules() if isinstance(m, CSRConv2d)]
+    assert len(layers) == 18 + 2  # all dense convs but the first: 18 3x3 and 2 1x1 shortcuts
+    for layer in layers:
+        k = layer.input_conv.kernel_size[0]
+        assert sum(p.numel() for p in layer.parameters()) == CSRConv2d.expected_params(
+            layer.in_channels, layer.out_channels, k, 4, bias=False)
+    profile = count(model, (1, 28, 28))
+    dense = count(create_model("resnet20", in_channels=1), (1, 28, 28))
+    assert profile.params_total < 0.2 * dense.params_total
+    # U runs T times and V T-1 times: MACs fall by about T/2, not T^2/2.
+    assert 0.3 * dense.macs_dense < profile.macs_dense < 0.6 * dense.macs_dense
+
+
+def test_csr_save_load_identity(tmp_path):
+    torch.manual_seed(0)
+    model, _ = apply_methods(create_model("resnet20", in_channels=1, width=0.5), ["csr:T=2,layers=3x3"])
+    model.eval()
+    save_tensors(tmp_path / "m.safetensors", model.state_dict())
+    torch.manual_seed(1)
+    again, _ = apply_methods(create_model("resnet20", in_channels=1, width=0.5), ["csr:T=2,layers=3x3"])
+    again.load_state_dict(load_tensors(tmp_path / "m.safetensors"))
+    again.eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model(x), again(x))
+
+
+def test_csr_bad_options():
+    with pytest.raises(ConfigError, match="T must be >= 1"):
+        apply_methods(create_model("resnet20"), ["csr:T=0"])
+    with pytest.raises(ConfigError, match="T=40 is larger than the channel count of layer"):
+        apply_methods(create_model("resnet20"), ["csr:T=40"])
+
+
+def test_vip_interpolation_hand_computed():
+    y = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    odd = torch.tensor([[1.0, 1.5, 2.0], [2.0, 2.5, 3.0], [3.0, 3.5, 4.0]])
+    even = torch.tensor([[1.0, 1.5, 2.0, 2.0], [2.0, 2.5, 3.0, 3.0], [3.0, 3.5, 4.0, 4.0], [3.0, 3.5, 4.0, 4.0]])
+    assert torch.equal(virtual_upsample(y, 3, 3)[0, 0], odd)
+    assert torch.equal(virtual_upsample(y, 4, 4)[0, 0], even)
+    mixed = virtual_upsample(torch.arange(6.0).view(1, 1, 2, 3), 3, 5)[0, 0]
+    assert torch.equal(mixed[1], torch.tensor([1.5, 2.0, 2.5, 3.0, 3.5]))  # odd row: mean of rows 0 and 2
+
+
+@pytest.mark.parametrize("size", [6, 7, 8, 9])
+def test_vip_equals_full_convolution_on_constant_input_away_from_border(size):
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    full = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    full.load_state_dict(block.state_dict())
+    vip = VirtualPool(block)
+    x = torch.full((1, 3, size, size), 0.7)
+    out, expected = vip(x), full(x)
+    assert out.shape == expected.shape
+    # Position 1 mixes in the zero-padded border value, so "away from the border" starts at 2.
+    inner = slice(2, size - 2)
+    assert torch.allclose(out[..., inner, inner], expected[..., inner, inner], atol=1e-6)
+    assert not torch.allclose(out[..., 0, 0], expected[..., 1, 1])  # the border differs: the test can fail
+
+
+def test_vip_counts_quarter_macs_and_rejects_1x1_maps():
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU())
+    profile = count(nn.Sequential(VirtualPool(block)), (8, 16, 16))
+    assert profile.macs_dense == 8 * 8 * 9 * 8 * 8  # 8x8 computed pixels instead of 16x16
+    with pytest.raises(ValueError, match="cannot apply to a 1x1 feature map"):
+        VirtualPool(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)))(torch.rand(1, 2, 1, 1))
