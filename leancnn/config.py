@@ -3,6 +3,7 @@ flags on top. Unknown keys and wrong types are rejected naming the key."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,10 @@ class TrainConfig:
         return self
 
     def run_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / f"{self.model}-{self.data}-s{self.seed}"
+        if self.out:
+            return Path(self.out)
+        methods = "".join("-" + re.sub(r"[^A-Za-z0-9_.=]+", "_", m) for m in self.methods)
+        return Path("runs") / f"{self.model}-w{self.width:g}{methods}-{self.data}-s{self.seed}"
 
 
 def _check_type(key: str, value: Any, expected: Any, source: str) -> Any:
