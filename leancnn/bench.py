@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -229,7 +228,3 @@ def describe(plan: BenchPlan) -> list[str]:
     if plan.cuts:
         notes.append("Cut to fit the budget: " + "; ".join(plan.cuts) + ".")
     return notes
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,9 +1,7 @@
 """The main job: Pareto fronts on hand-made results, and `leancnn bench` end to end on synthetic data."""
 from __future__ import annotations
 
-import json
 
-import pytest
 
 from leancnn.bench import BenchPlan, Candidate, default_candidates, run_bench, write_outputs
 from leancnn.cli import main

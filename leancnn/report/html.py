@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Any
 
 from ..io import write_text
 
