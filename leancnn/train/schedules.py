@@ -7,7 +7,6 @@ import math
 
 def learning_rate(schedule: str, step: int, total_steps: int, peak: float, *, warmup_fraction: float = 0.15,
                   steps_per_epoch: int = 1, milestones: list[int] | None = None, gamma: float = 0.2) -> float:
-    step / max(total_steps, 1)
     if schedule == "step":
         epoch = step // max(steps_per_epoch, 1)
         return peak * gamma ** sum(epoch >= m for m in (milestones or []))
