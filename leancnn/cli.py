@@ -138,6 +138,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .compress import compress_run
+    from .report.table import print_result
+
+    out = Path(args.out) if args.out else None
+    result = compress_run(Path(args.run), args.methods, epochs=args.epochs, out=out, lr=args.lr,
+                          progress=not args.no_progress, latency=not args.no_latency)
+    if result is None:
+        return 0
+    if args.json:
+        _print_json({"run_dir": str(out), **result})
+    else:
+        notes = result["compress"]
+        print(f"test accuracy: {100 * notes['test_acc_original']:.2f}% original, "
+              f"{100 * notes['test_acc_before_finetune']:.2f}% compressed, {100 * result['test_acc']:.2f}% "
+              f"after {args.epochs} fine-tuning epoch(s)")
+        print_result(out, result)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .commands.bench import run_bench_command
 
@@ -202,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=cmd_eval)
+
+    compress = sub.add_parser("compress", help="apply post-training methods to a trained run, fine-tune, new run",
+                              description="Apply post-training methods (vip, ...) to a trained run, fine-tune, and "
+                                          "write a new run directory. Methods that only analyse (vip:sensitivity) "
+                                          "print their table and write nothing.")
+    compress.add_argument("run", help="trained run directory")
+    compress.add_argument("--method", dest="methods", action="append", default=[], required=True,
+                          help="method spec, repeatable, e.g. vip:sensitivity or vip:layers=auto,max_drop=0.01")
+    compress.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs after the methods (default 1)")
+    compress.add_argument("--lr", type=float, default=None, help="fine-tuning peak lr (default: the run's lr / 10)")
+    compress.add_argument("--out", default=None, help="new run directory")
+    compress.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    compress.add_argument("--json", action="store_true")
+    compress.add_argument("--no-progress", action="store_true")
+    compress.set_defaults(func=cmd_compress)
 
     bench = sub.add_parser("bench", help="the main job: compare methods on one dataset (table, Pareto plots, report)",
                            description="Train a dense baseline and every registered method at a few strengths, "

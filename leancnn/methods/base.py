@@ -12,6 +12,7 @@ from ..registry import Registry
 from ..spec import build_options, format_spec, split_spec
 
 if TYPE_CHECKING:
+    from ..compress import CompressContext
     from ..train.trainer import Trainer
 
 
@@ -84,6 +85,12 @@ class Method:
     # -- after training ----------------------------------------------------
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
+
+    def compress(self, model: nn.Module, context: "CompressContext") -> tuple[nn.Module, "Method"] | None:
+        """`leancnn compress`: act on a trained model with data. Returns the new
+        model and the method whose spec rebuilds it on load (through `prepare`),
+        or None when the method only reports (an analysis) and nothing is written."""
+        return self.prepare(model), self
 
 
 METHODS: Registry[type[Method]] = Registry("method")

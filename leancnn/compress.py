@@ -1,0 +1,115 @@
+"""`leancnn compress RUN --method SPEC`: apply post-training methods to a trained
+run, fine-tune, and write a new run that loads like any other."""
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import TrainConfig, load_config, to_toml
+from .data import ImageDataset
+from .errors import LeancnnError
+from .experiment import measure_into, prepare_data
+from .io import write_text
+from .measure.latency import machine
+from .methods import Method, parse_method
+from .io import load_tensors
+from .runs import build_architecture, empty_result, read_json, save_result, versions, write_log, write_model
+from .train import Trainer, evaluate
+
+SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the test set stays unseen
+
+
+@dataclass
+class CompressContext:
+    """What a post-training method may use: data, an accuracy probe and fine-tuning."""
+
+    dataset: ImageDataset
+    config: TrainConfig
+    selection_images: torch.Tensor
+    selection_labels: torch.Tensor
+    methods: list[Method]
+    progress: bool = True
+    log: Callable[[str], None] = print
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Top-1 on the held-out selection images."""
+        return evaluate(model, self.selection_images, self.selection_labels,
+                        batch_size=self.config.eval_batch_size).top1
+
+    def finetune(self, model: nn.Module, epochs: int, lr: float | None = None) -> nn.Module:
+        if epochs <= 0:
+            return model
+        config = replace(self.config, epochs=epochs, lr=lr or self.config.lr * 0.1, out=None, warmup_fraction=0.0,
+                         schedule="cosine")
+        trainer = Trainer(model, self.dataset, config, methods=self.methods, progress=self.progress)
+        trainer.fit()
+        return trainer.model.to(memory_format=torch.contiguous_format).eval()
+
+
+def split_selection(dataset: ImageDataset, seed: int) -> tuple[ImageDataset, torch.Tensor, torch.Tensor]:
+    count = min(SELECTION_IMAGES, len(dataset.train_labels) // 5)
+    order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed + 7))
+    held, kept = order[:count], order[count:]
+    train = replace(dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept])
+    return train, dataset.train_images[held], dataset.train_labels[held]
+
+
+def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | None, lr: float | None = None,
+                 progress: bool = True, latency: bool = True) -> dict[str, Any] | None:
+    """The new run's result, or None when the methods only reported."""
+    if not specs:
+        raise LeancnnError("give at least one --method")
+    new_methods = [parse_method(spec) for spec in specs]  # bad specs fail before anything is loaded
+    if out is not None and (out / "result.json").exists():
+        raise LeancnnError(f"{out}: a finished run is already there; choose another --out")
+    architecture = read_json(run_dir / "model.json")
+    config = load_config(run_dir / "config.toml")
+    model, existing = build_architecture(architecture)
+    model.load_state_dict(load_tensors(run_dir / "model.safetensors"))
+    model.eval()
+    dataset = prepare_data(config)
+    train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
+    context = CompressContext(train_split, config, selection_images, selection_labels, existing, progress)
+    before = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size).top1
+    resolved: list[str] = []
+    for method in new_methods:
+        outcome = method.compress(model, context)
+        if outcome is None:
+            return None
+        model, applied = outcome
+        resolved.append(applied.spec())
+        context.methods = existing + [parse_method(s) for s in resolved]
+    compressed = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size).top1
+    if out is None:
+        raise LeancnnError("give --out for the compressed run")
+    out.mkdir(parents=True, exist_ok=True)
+    new_config = replace(config, methods=config.methods + resolved, out=str(out))
+    write_text(out / "config.toml", to_toml(new_config))
+    model = context.finetune(model, epochs, lr)
+    test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
+    new_architecture = {**architecture, "methods": architecture.get("methods", []) + resolved,
+                        "compressed_from": str(run_dir)}
+    result = empty_result()
+    parent = read_json(run_dir / "result.json")
+    result.update(dataset=parent["dataset"], model=parent["model"], methods=new_architecture["methods"],
+                  epochs=parent["epochs"], seed=parent["seed"], test_acc=test.top1, test_top5=test.top5,
+                  train_seconds=parent.get("train_seconds"), versions={**versions(), "machine": machine()})
+    result["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
+                          "test_acc_before_finetune": compressed, **context.notes}
+    measure_into(result, model.cpu(), dataset.input_shape, latency=latency)
+    write_model(out, model.cpu(), new_architecture)
+    write_log(out, [])
+    save_result(out, result)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    return result
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
