@@ -55,7 +55,8 @@ class BenchPlan:
     cuts: list[str] = field(default_factory=list)
 
 
-def default_candidates(method_names: list[str] | None = None) -> list[Candidate]:
+def default_candidates(method_names: list[str] | None = None, quick: bool = False) -> list[Candidate]:
+    """Dense plus each method at its bench strengths (only the first with `quick`)."""
     from .methods import METHODS
 
     candidates = [Candidate("dense", [])]
@@ -67,7 +68,7 @@ def default_candidates(method_names: list[str] | None = None) -> list[Candidate]
         cls = METHODS.get(name)
         if cls.post_training:
             continue
-        specs = cls.bench_specs or [name]
+        specs = (cls.bench_specs or [name])[:1 if quick else None]
         candidates += [Candidate(spec if spec != name else name, [spec]) for spec in specs]
     return candidates
 

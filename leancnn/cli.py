@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-minutes", type=float, default=None,
                        help="cut epochs, then training images, so the bench fits; says what it cut")
     bench.add_argument("--attack", action="append", default=[], help="also measure accuracy under this attack (repeatable)")
-    bench.add_argument("--quick", action="store_true", help="a small real bench for a first look: resnet20 width 0.5, 2 epochs on 8000 images (about 2-3 minutes on 2 cores)")
+    bench.add_argument("--quick", action="store_true", help="a small real bench for a first look: resnet20 width 0.5, 2 epochs on 8000 images, each method at its first strength (about 3 minutes on 2 cores)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--threads", type=int, default=0, help="CPU threads for training and latency (0 = all)")
     bench.add_argument("--out", default="bench", help="output folder (default bench/)")

@@ -24,6 +24,9 @@ def test_default_candidates_cover_registered_methods():
     labels = [c.label for c in default_candidates()]
     assert labels[0] == "dense" and {"PS4_P4", "PSD2_P8", "PS1_P9"} <= set(labels)
     assert [c.methods for c in default_candidates(["psconv:k=2,period=6"])][1] == ["psconv:k=2,period=6"]
+    quick = [c.label for c in default_candidates(quick=True)]
+    assert quick == ["dense", "csr:T=2", "dnr:density=0.05,attack=none", "PS4_P4"]
+    assert "vip" not in " ".join(labels), "post-training methods are not trained from scratch"
 
 
 def _plan(candidates):

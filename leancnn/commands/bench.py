@@ -18,7 +18,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     quick = QUICK if args.quick else {}
     model = args.model or quick.get("model", "resnet20")
     MODELS.get(model)
-    candidates = default_candidates(args.methods)
+    candidates = default_candidates(args.methods, quick=args.quick)
     for candidate in candidates:
         for spec in candidate.methods:
             parse_method(spec)  # bad specs fail before anything is trained

@@ -59,7 +59,7 @@ class Method:
 
     # -- training hooks ----------------------------------------------------
     def before_training(self, trainer: "Trainer") -> None:
-        pass
+        """Called when `fit` starts, on a resume too (after the checkpoint is restored)."""
 
     def loss(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Return a replacement for the training loss of this batch, or None."""

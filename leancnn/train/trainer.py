@@ -152,9 +152,8 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         if resume:
             self._restore()
-        if self.state.epoch == 0:
-            for method in self.methods:
-                method.before_training(self)
+        for method in self.methods:  # also on resume: methods set up what they need for the next steps
+            method.before_training(self)
         for epoch in range(self.state.epoch, self.config.epochs):
             self._train_epoch(epoch)
         return self.state

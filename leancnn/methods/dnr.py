@@ -1,0 +1,186 @@
+"""The `dnr` method: robust pruning by dynamic network rewiring, in one training run.
+
+Kundu, Nazemi, Beerel, Pedram, "DNR: A Tunable Robust Pruning Framework
+Through Dynamic Network Rewiring of DNNs", ASP-DAC 2021.
+
+Training starts from a random sparse mask at the target density. Each batch's
+loss is beta * CE(clean) + (1 - beta) * CE(adversarial), the adversarial
+examples made by PGD (or FGSM) in [0, 1] pixel space with the model in eval
+mode and put back in train mode afterwards. Gradients stay dense, so every
+weight keeps its momentum, masked ones too; the mask is re-applied after each
+step. After each epoch, per layer, a fraction p of the smallest active weights
+is pruned (p starts at `prune_fraction` and decays by a cosine); the pruned
+total is regrown across layers in proportion to each layer's normalised
+momentum (mean |momentum| of its active weights over the sum of those means),
+capped at full density, at the zero positions with the largest |momentum|. The
+number of active weights never changes, so the density stays the target.
+Choices the paper leaves open (unconfirmed): beta = 0.5, regrown weights start
+at zero, the first convolution stays dense, layers start at the same density.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..measure.attacks import ATTACKS, Attack, AttackOptions
+from .base import Method, register_method
+
+MASK = "dnr_mask"
+
+
+@dataclass
+class DNROptions:
+    density: float = 0.05          # fraction of prunable weights kept (0.05 = 20x)
+    beta: float = 0.5              # weight of the clean loss; 1 - beta goes to the adversarial loss
+    attack: str = "pgd"            # pgd, fgsm or none
+    eps: float | None = None       # attack budget in [0, 1] pixel units; None = the dataset's default
+    steps: int = 7                 # PGD iterations during training
+    prune_fraction: float = 0.5    # p at the first epoch, cosine-decayed towards 0
+    seed: int = 0                  # initial random mask
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every convolution and linear layer but the first convolution."""
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
+    return [(n, m) for n, m in layers if n != first_conv]
+
+
+def distribute(total: int, shares: list[float], capacity: list[int]) -> list[int]:
+    """Split `total` in proportion to `shares`, no part above its capacity, parts summing to total."""
+    counts = [0] * len(shares)
+    remaining = total
+    open_layers = [i for i in range(len(shares)) if capacity[i] > 0]
+    while remaining > 0 and open_layers:
+        weight = sum(shares[i] for i in open_layers) or float(len(open_layers))
+        proposal = {i: (shares[i] if sum(shares[j] for j in open_layers) else 1.0) / weight * remaining
+                    for i in open_layers}
+        given = 0
+        for i in open_layers:
+            add = min(int(proposal[i]), capacity[i] - counts[i])
+            counts[i] += add
+            given += add
+        if given == 0:  # rounding left crumbs: hand them out one by one, largest share first
+            for i in sorted(open_layers, key=lambda j: -proposal[j]):
+                if remaining - given == 0:
+                    break
+                if counts[i] < capacity[i]:
+                    counts[i] += 1
+                    given += 1
+        remaining -= given
+        open_layers = [i for i in open_layers if counts[i] < capacity[i]]
+    return counts
+
+
+@register_method
+class DNR(Method):
+    """Dynamic network rewiring with a hybrid clean/adversarial loss."""
+
+    name = "dnr"
+    Options = DNROptions
+    # The first (sparse training alone) is what --quick runs; the second trains against PGD (about 8x the cost).
+    bench_specs = ["dnr:density=0.05,attack=none", "dnr:density=0.05"]
+
+    def validate(self) -> None:
+        o = self.options
+        if not 0 < o.density <= 1:
+            raise ConfigError(f"method 'dnr': density must be in (0, 1], got {o.density}")
+        if not 0 <= o.beta <= 1:
+            raise ConfigError(f"method 'dnr': beta must be in [0, 1], got {o.beta}")
+        if o.attack != "none" and o.attack not in ATTACKS:
+            raise ConfigError(f"method 'dnr': unknown attack {o.attack!r}; choose one of: none, {', '.join(ATTACKS.names())}")
+        if o.eps is not None and o.eps < 0:
+            raise ConfigError(f"method 'dnr': eps must be >= 0, got {o.eps}")
+        if not 0 <= o.prune_fraction < 1:
+            raise ConfigError(f"method 'dnr': prune_fraction must be in [0, 1), got {o.prune_fraction}")
+        self.attack: Attack | None = None
+
+    # -- architecture: a mask buffer per prunable layer (saved with the weights) ----
+    def prepare(self, model: nn.Module) -> nn.Module:
+        generator = torch.Generator().manual_seed(self.options.seed)
+        for _, module in prunable(model):
+            weight = module.weight
+            keep = max(1, round(self.options.density * weight.numel()))
+            mask = torch.zeros(weight.numel(), dtype=torch.bool)
+            mask[torch.randperm(weight.numel(), generator=generator)[:keep]] = True
+            module.register_buffer(MASK, mask.view_as(weight).to(weight.device))
+            with torch.no_grad():
+                weight.mul_(getattr(module, MASK))
+        return model
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in model.named_modules() if hasattr(m, MASK) and isinstance(getattr(m, MASK), torch.Tensor)]
+
+    # -- training ------------------------------------------------------------
+    def before_training(self, trainer) -> None:
+        if self.options.attack != "none" and self.options.beta < 1:
+            from ..measure.attacks import default_eps
+
+            eps = self.options.eps if self.options.eps is not None else default_eps(trainer.dataset.name)
+            self.attack = Attack(self.options.attack, AttackOptions(eps=eps, steps=self.options.steps))
+        self.generator_epoch = -1
+
+    def loss(self, trainer, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        if self.attack is None:
+            return None
+        if self.generator_epoch != trainer.state.epoch:
+            # PGD's random starts are seeded by (seed, epoch): a resumed run draws the same ones.
+            self.generator = torch.Generator().manual_seed(self.options.seed * 1009 + trainer.state.epoch)
+            self.generator_epoch = trainer.state.epoch
+        adversarial = self.attack(trainer.model, images, labels, self.generator)
+        clean_loss = trainer.loss_fn(trainer.model(images), labels)
+        adversarial_loss = trainer.loss_fn(trainer.model(adversarial), labels)
+        return self.options.beta * clean_loss + (1 - self.options.beta) * adversarial_loss
+
+    @torch.no_grad()
+    def after_step(self, trainer) -> None:
+        for _, module in self.layers(trainer.model):
+            module.weight.mul_(getattr(module, MASK))
+
+    def prune_fraction_at(self, epoch: int, epochs: int) -> float:
+        return self.options.prune_fraction * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+    @torch.no_grad()
+    def after_epoch(self, trainer, epoch: int) -> dict[str, Any]:
+        layers = self.layers(trainer.model)
+        if epoch + 1 < trainer.config.epochs:  # the last epoch ends with the trained mask, no rewiring
+            self.rewire(layers, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs))
+        return {"dnr_density": {name: round(float(getattr(m, MASK).float().mean()), 6) for name, m in layers}}
+
+    @torch.no_grad()
+    def rewire(self, layers: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer, fraction: float) -> None:
+        momenta = []
+        pruned_total = 0
+        for _, module in layers:
+            weight, mask = module.weight, getattr(module, MASK)
+            state = optimizer.state.get(weight, {})
+            momentum = state.get("momentum_buffer")
+            momenta.append(momentum.abs() if momentum is not None else torch.zeros_like(weight))
+            active = int(mask.sum())
+            count = int(fraction * active)
+            if count == 0:
+                continue
+            magnitudes = weight.abs().masked_fill(~mask, float("inf")).flatten()
+            drop = magnitudes.topk(count, largest=False).indices
+            mask.view(-1)[drop] = False
+            weight.view(-1)[drop] = 0.0
+            pruned_total += count
+        if pruned_total == 0:
+            return
+        shares = [float(m[getattr(mod, MASK)].mean()) if getattr(mod, MASK).any() else 0.0
+                  for m, (_, mod) in zip(momenta, layers)]
+        capacity = [int((~getattr(mod, MASK)).sum()) for _, mod in layers]
+        regrow = distribute(pruned_total, shares, capacity)
+        for count, momentum, (_, module) in zip(regrow, momenta, layers):
+            if count == 0:
+                continue
+            mask = getattr(module, MASK)
+            scores = momentum.masked_fill(mask, float("-inf")).flatten()  # only zero positions may regrow
+            grow = scores.topk(count).indices
+            mask.view(-1)[grow] = True
+            module.weight.view(-1)[grow] = 0.0  # regrown weights start at zero; their momentum moves them

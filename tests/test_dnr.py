@@ -1,0 +1,89 @@
+"""DNR: exact density, regrowth at zero positions, saved zeros, bad options."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from leancnn.errors import ConfigError
+from leancnn.experiment import train_run
+from leancnn.io import load_tensors
+from leancnn.methods import apply_methods, parse_method
+from leancnn.methods.dnr import MASK, prunable
+from leancnn.models import create_model
+
+from .conftest import tiny_config
+
+
+def active_counts(model):
+    return {n: int(getattr(m, MASK).sum()) for n, m in model.named_modules() if hasattr(m, MASK)}
+
+
+def test_density_stays_at_target_and_saved_weights_are_zero(tmp_path):
+    outcome = train_run(tiny_config(tmp_path, epochs=3, methods=["dnr:density=0.1,attack=none"]), progress=False)
+    model = outcome.model
+    layers = prunable(create_model("resnet20", in_channels=1, width=0.25))
+    target = sum(max(1, round(0.1 * m.weight.numel())) for _, m in layers)
+    counts = active_counts(model)
+    assert abs(sum(counts.values()) - target) <= len(layers)
+    saved = load_tensors(outcome.run_dir / "model.safetensors")
+    for name in counts:
+        weight, mask = saved[f"{name}.weight"], saved[f"{name}.{MASK}"]
+        assert torch.count_nonzero(weight[~mask]) == 0, name
+    log = [json.loads(line) for line in (outcome.run_dir / "log.jsonl").read_text().splitlines()]
+    densities = [d for entry in log for d in entry["dnr_density"].values()]
+    assert max(densities) <= 1.0 and min(densities) > 0
+    # Rewiring moved densities between layers: not all layers stay at 0.1.
+    assert len({round(d, 3) for d in log[-1]["dnr_density"].values()}) > 1
+
+
+def test_regrowth_only_picks_zero_positions():
+    torch.manual_seed(0)
+    method = parse_method("dnr:density=0.3,attack=none")
+    model = method.prepare(nn.Sequential(nn.Conv2d(2, 4, 3), nn.Conv2d(4, 8, 3), nn.Linear(8, 5)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    layers = method.layers(model)
+    assert [n for n, _ in layers] == ["1", "2"]  # the first convolution stays dense
+    for _, module in layers:
+        optimizer.state[module.weight]["momentum_buffer"] = torch.randn_like(module.weight)
+        with torch.no_grad():
+            module.weight.add_(torch.randn_like(module.weight)).mul_(getattr(module, MASK))
+    before = {n: getattr(m, MASK).clone() for n, m in layers}
+    total_before = sum(int(v.sum()) for v in before.values())
+    method.rewire(layers, optimizer, fraction=0.5)
+    for name, module in layers:
+        after = getattr(module, MASK)
+        grown = after & ~before[name]
+        # grown positions were zero weights before the rewiring; their weights start at zero
+        assert torch.count_nonzero(module.weight[grown]) == 0
+        assert not (grown & before[name]).any()
+        assert torch.count_nonzero(module.weight[~after]) == 0
+    assert sum(int(getattr(m, MASK).sum()) for _, m in layers) == total_before
+
+
+def test_beta_one_trains_like_plain_dynamic_sparse_training(tmp_path):
+    a = train_run(tiny_config(tmp_path, epochs=2, methods=["dnr:density=0.2,beta=1,attack=pgd"],
+                              out=str(tmp_path / "a")), progress=False)
+    b = train_run(tiny_config(tmp_path, epochs=2, methods=["dnr:density=0.2,attack=none"],
+                              out=str(tmp_path / "b")), progress=False)
+    sa, sb = load_tensors(a.run_dir / "model.safetensors"), load_tensors(b.run_dir / "model.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
+    outcome = train_run(tiny_config(tmp_path, epochs=1, methods=["dnr:density=0.2,steps=2"]), progress=False)
+    assert 0 <= outcome.result["test_acc"] <= 1
+    assert outcome.result["params_nonzero"] < 0.5 * outcome.result["params_total"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("dnr:density=0", "density must be in \\(0, 1\\]"),
+    ("dnr:density=1.5", "density must be in \\(0, 1\\]"),
+    ("dnr:beta=2", "beta must be in \\[0, 1\\]"),
+    ("dnr:attack=cw", "unknown attack 'cw'; choose one of: none, fgsm, pgd"),
+])
+def test_bad_options_fail_before_training(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_methods(create_model("resnet20"), [spec])
