@@ -164,3 +164,43 @@ def test_vip_misfits(synthetic_run):
         compress_run(synthetic_run.run_dir, ["vip:layers=features.10"], epochs=0, out=None, progress=False)
     with pytest.raises(ConfigError, match="need a trained model"):
         apply_methods(create_model("vgg11"), ["vip:layers=auto"])
+
+
+def test_l1prune_halves_macs_and_reloads(synthetic_run, tmp_path):
+    from leancnn.compress import compress_run
+    from leancnn.runs import load_run
+
+    result = compress_run(synthetic_run.run_dir, ["l1prune:macs=0.5"], epochs=1, out=tmp_path / "l1",
+                          progress=False, latency=False)
+    ratio = result["macs_dense"] / synthetic_run.result["macs_dense"]
+    assert 0.35 < ratio <= 0.5
+    model, _ = load_run(tmp_path / "l1")
+    assert model.features[0][0].out_channels < 16
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("spec, message", [("l1prune:macs=0", "macs must be in \\(0, 1\\]"),
+                                           ("l1prune:macs=1.5", "macs must be in \\(0, 1\\]"),
+                                           ("l1prune", "needs a trained model")])
+def test_l1prune_bad_options(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_methods(create_model("vgg11"), [spec])
+
+
+def test_channel_surgery_is_exact_for_dead_channels():
+    from leancnn.methods.channels import channel_groups, keep_channels
+
+    for name in ("vgg11", "resnet20"):
+        torch.manual_seed(0)
+        model = create_model(name, in_channels=1, width=0.25).eval()
+        x = torch.rand(2, 1, 16, 16)
+        for group in (channel_groups(model)[0], channel_groups(model)[-1]):
+            block = model.get_submodule(group.producer)
+            with torch.no_grad():  # a channel whose batch norm outputs zero carries nothing
+                block[1].weight[0] = 0
+                block[1].bias[0] = 0
+            before = model(x)
+            keep_channels(model, group, torch.arange(1, block[0].out_channels))
+            assert torch.allclose(model(x), before, atol=1e-6)
+    with pytest.raises(ConfigError, match="does not know"):
+        channel_groups(create_model("mobilenetv2"))
