@@ -1,0 +1,308 @@
+"""The `cap` method: cascaded projection (Minnehan, Savakis, "Cascaded
+Projection: End-to-End Network Compression and Acceleration", CVPR 2019).
+
+For each removable channel group (see leancnn.methods.channels), batch norm is
+folded into the producing convolution, and an orthonormal projection P (C x r)
+compresses its output: the producer keeps r filters, P^T W, and the consumer
+reads r channels, W' P. The result is an ordinary thinner dense model.
+
+1. P starts from the top-r principal directions of the producer's outputs on
+   a sample of training data, rotated within that subspace to lie closest to r
+   of the layer's own channels (a rotation across the ReLU otherwise breaks the
+   network before any optimisation; at full rank the start is the identity).
+2. All P are optimised jointly, the rest of the network frozen, on
+   cross-entropy plus `gamma` times the squared error of every consumer's
+   output against the original network's (next-layer feature reconstruction).
+   P stays on the Stiefel manifold: the gradient is projected onto the tangent
+   space, the step taken, and P retracted by the SVD (P = U V^T).
+3. Ranks meet the MAC target either uniformly (the same kept fraction for every
+   group) or by energy (each group keeps the smallest rank holding a fraction
+   of its feature energy, the fraction chosen to meet the target).
+Residual networks: only channels inside a block are compressed; block outputs
+keep their width. Details the paper leaves open (unconfirmed): the step size
+and number of optimisation steps, gamma, and the ReLU/pooling between producer
+and consumer acting on the r projected channels.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..measure import count
+from .base import Method, register_method
+from .channels import ChannelGroup, channel_groups, shrink_to_widths
+from .l1prune import parse_widths
+
+
+@dataclass
+class CaPOptions:
+    macs: float = 0.5                               # target fraction of the dense MACs, in (0, 1]
+    ranks: Literal["uniform", "energy"] = "uniform"
+    steps: int = 100                                # joint projection-optimisation steps
+    lr: float = 0.01                                # step size on the manifold
+    gamma: float = 1.0                              # weight of next-layer feature reconstruction
+    sample_batches: int = 8                         # batches of 128 images for the principal directions
+    widths: str = ""                                # set by compress, to rebuild the architecture
+
+
+@torch.no_grad()
+def fold_batchnorm(block: nn.Sequential) -> None:
+    """conv-bn -> conv with bias, bn set to the identity (eval statistics)."""
+    conv, norm = block[0], block[1]
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                       conv.dilation, bias=True).to(conv.weight.device)
+    folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    folded.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+    block[0] = folded.train(conv.training)
+    identity_norm(norm)
+
+
+@torch.no_grad()
+def identity_norm(norm: nn.BatchNorm2d) -> None:
+    norm.weight.fill_(1.0)
+    norm.bias.zero_()
+    norm.running_mean.zero_()
+    norm.running_var.fill_(1.0 - norm.eps)  # (x - 0) / sqrt(1 - eps + eps) = x
+
+
+class Compress(nn.Module):
+    def __init__(self, projection: nn.Parameter) -> None:
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, r, H, W]
+        return torch.einsum("nchw,cr->nrhw", x, self.projection)
+
+
+class Expand(nn.Module):
+    def __init__(self, projection: nn.Parameter) -> None:
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, r, ...] -> [N, C, ...]
+        if x.dim() == 2:
+            return x @ self.projection.T
+        return torch.einsum("nrhw,cr->nchw", x, self.projection)
+
+
+def retract(matrix: torch.Tensor) -> torch.Tensor:
+    """The nearest matrix with orthonormal columns: U V^T of the SVD."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def stiefel_step(projection: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """Project the gradient onto the tangent space at P, step, retract."""
+    inner = projection.T @ grad
+    tangent = grad - projection @ ((inner + inner.T) / 2)
+    return retract(projection - lr * tangent)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def insert_projections(model: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter]) -> nn.Module:
+    """The projected network, unmerged: producer conv -> Compress; Expand -> consumer."""
+    for group, projection in zip(groups, projections):
+        block = model.get_submodule(group.producer)
+        block[0] = nn.Sequential(block[0], Compress(projection))
+        block[1] = nn.Identity()  # folded: the identity
+        _set(model, group.consumer, nn.Sequential(Expand(projection), model.get_submodule(group.consumer)))
+    return model
+
+
+@torch.no_grad()
+def merge_projections(model: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor]) -> nn.Module:
+    """Producer keeps P^T W (and P^T b); the consumer reads W' P. `model` has folded batch norms."""
+    for group, projection in zip(groups, projections):
+        block = model.get_submodule(group.producer)
+        conv = block[0]
+        rank = projection.shape[1]
+        # The same layer types as before (bias-free conv + batch norm), so the saved run rebuilds
+        # from its widths alone: the folded bias lives in the identity batch norm's shift.
+        merged = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                           bias=False).to(conv.weight.device)
+        merged.weight.copy_(torch.einsum("cr,cikl->rikl", projection, conv.weight))
+        norm = nn.BatchNorm2d(rank, eps=block[1].eps, momentum=block[1].momentum).to(conv.weight.device)
+        identity_norm(norm)
+        if conv.bias is not None:
+            norm.bias.copy_(projection.T @ conv.bias)
+        block[0], block[1] = merged.train(conv.training), norm.train(block[1].training)
+        consumer = model.get_submodule(group.consumer)
+        if isinstance(consumer, nn.Linear):
+            new = nn.Linear(rank, consumer.out_features, bias=consumer.bias is not None).to(conv.weight.device)
+            new.weight.copy_(consumer.weight @ projection)
+        else:
+            new = nn.Conv2d(rank, consumer.out_channels, consumer.kernel_size, consumer.stride, consumer.padding,
+                            consumer.dilation, bias=consumer.bias is not None).to(conv.weight.device)
+            new.weight.copy_(torch.einsum("oikl,ir->orkl", consumer.weight, projection))
+        if consumer.bias is not None:
+            new.bias.copy_(consumer.bias)
+        _set(model, group.consumer, new.train(consumer.training))
+    return model
+
+
+@torch.no_grad()
+def principal_directions(model: nn.Module, groups: list[ChannelGroup], batches: list[torch.Tensor]):
+    """Per group: eigenvectors (columns, by falling eigenvalue) and eigenvalues of the producer outputs' covariance."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for group in groups:
+        conv = model.get_submodule(group.producer)[0]
+
+        def hook(mod, args, out, name=group.producer):
+            flat = out.transpose(0, 1).reshape(out.shape[1], -1).double()
+            sums[name] = sums.get(name, 0) + flat @ flat.T  # uncentred: the projection must keep the mean too
+        hooks.append(conv.register_forward_hook(hook))
+    model.eval()
+    for images in batches:
+        model(images)
+    for h in hooks:
+        h.remove()
+    result = []
+    for group in groups:
+        values, vectors = torch.linalg.eigh(sums[group.producer])
+        result.append((vectors.flip(1).float(), values.flip(0).clamp_min(0).float()))
+    return result
+
+
+def aligned_basis(directions: torch.Tensor, rank: int) -> torch.Tensor:
+    """An orthonormal basis of the top-`rank` principal subspace, rotated (orthogonal
+    Procrustes) to lie as close as possible to `rank` of the layer's own channels:
+    those the subspace holds best (largest leverage). ReLU and max-pooling commute
+    with channel selections, not with arbitrary rotations, so this basis keeps the
+    network working before the joint optimisation; at full rank it is the identity."""
+    basis = directions[:, :rank]
+    leverage = (basis * basis).sum(dim=1)
+    channels = leverage.topk(rank).indices.sort().values
+    selection = torch.zeros_like(basis)
+    selection[channels, torch.arange(rank)] = 1.0
+    return basis @ retract(basis.T @ selection)
+
+
+def choose_ranks(model: nn.Module, groups: list[ChannelGroup], spectra, options: CaPOptions,
+                 input_shape: tuple[int, ...]) -> list[int]:
+    widths = [model.get_submodule(g.producer)[0].out_channels for g in groups]
+    target = options.macs * count(model, input_shape).macs_dense
+
+    def ranks_for(level: float) -> list[int]:
+        if options.ranks == "uniform":
+            return [max(1, math.ceil(level * w)) for w in widths]
+        ranks = []
+        for (_, values), width in zip(spectra, widths):
+            energy = values.cumsum(0) / values.sum().clamp_min(1e-12)
+            ranks.append(min(width, max(1, int((energy < level).sum()) + 1)))
+        return ranks
+
+    def macs(ranks: list[int]) -> int:
+        thin = copy.deepcopy(model)
+        shrink_to_widths(thin, {g.producer: r for g, r in zip(groups, ranks)})
+        return count(thin, input_shape).macs_dense
+
+    low, high = 0.0, 1.0
+    for _ in range(14):
+        middle = (low + high) / 2
+        if macs(ranks_for(middle)) <= target:
+            low = middle
+        else:
+            high = middle
+    ranks = ranks_for(low)
+    if macs(ranks) > target:
+        raise ConfigError(f"method 'cap': macs={options.macs} is below what compressing channels can reach")
+    return ranks
+
+
+@register_method
+class CaP(Method):
+    """Cascaded projection to a MAC budget: a thinner dense network."""
+
+    name = "cap"
+    Options = CaPOptions
+    post_training = True
+
+    def validate(self) -> None:
+        o = self.options
+        if not 0 < o.macs <= 1:
+            raise ConfigError(f"method 'cap': macs must be in (0, 1] (a fraction of the dense MACs), got {o.macs}")
+        if o.steps < 0 or o.lr <= 0 or o.gamma < 0 or o.sample_batches < 1:
+            raise ConfigError("method 'cap': steps >= 0, lr > 0, gamma >= 0 and sample_batches >= 1 are required")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if not self.options.widths:
+            raise ConfigError("method 'cap' needs a trained model: use `leancnn compress RUN --method cap:macs=0.5`")
+        return shrink_to_widths(model, parse_widths(self.options.widths))
+
+    def compress(self, model, context):
+        from ..data import BatchLoader
+
+        groups = channel_groups(model)  # unknown layouts fail here, before anything changes
+        shape = context.dataset.input_shape
+        original = copy.deepcopy(model).eval()
+        folded = copy.deepcopy(model).eval()
+        for group in groups:
+            fold_batchnorm(folded.get_submodule(group.producer))
+        loader = BatchLoader(context.dataset.train_images, context.dataset.train_labels, 128, shuffle=True,
+                             seed=context.config.seed)
+        sample = []
+        for images, labels in loader:
+            sample.append((images, labels))
+            if len(sample) >= max(self.options.sample_batches, 1):
+                break
+        spectra = principal_directions(folded, groups, [images for images, _ in sample])
+        ranks = choose_ranks(model, groups, spectra, self.options, shape)
+        projections = [nn.Parameter(aligned_basis(vectors, rank)) for (vectors, _), rank in zip(spectra, ranks)]
+        self.optimise(original, folded, groups, projections, loader, context)
+        merged = merge_projections(folded, groups, [p.detach() for p in projections])
+        widths = "+".join(f"{g.producer}:{r}" for g, r in zip(groups, ranks))
+        context.notes["cap_ranks"] = dict(zip([g.producer for g in groups], ranks))
+        return merged, CaP(CaPOptions(**{**self.options.__dict__, "widths": widths}))
+
+    def optimise(self, original: nn.Module, folded: nn.Module, groups: list[ChannelGroup],
+                 projections: list[nn.Parameter], loader, context) -> None:
+        if self.options.steps == 0:
+            return
+        projected = copy.deepcopy(folded)
+        # The consumers' own layers, found before the projections wrap them (in a chain a consumer
+        # is also the next producer, whose wrapped output is already compressed).
+        consumers = [projected.get_submodule(g.consumer) for g in groups]
+        insert_projections(projected, groups, projections).eval()
+        for parameter in projected.parameters():
+            parameter.requires_grad_(False)
+        for projection in projections:
+            projection.requires_grad_(True)
+        targets: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [original.get_submodule(g.consumer).register_forward_hook(
+            lambda m, a, out, n=g.consumer: targets.__setitem__(n, out.detach())) for g in groups]
+        hooks += [module.register_forward_hook(lambda m, a, out, n=g.consumer: outputs.__setitem__(n, out))
+                  for g, module in zip(groups, consumers)]
+        step = 0
+        epoch = 0
+        while step < self.options.steps:
+            loader.set_epoch(epoch)
+            for images, labels in loader:
+                with torch.no_grad():
+                    original(images)
+                logits = projected(images)
+                reconstruction = sum(((outputs[n] - targets[n]) ** 2).mean() for n in targets)
+                loss = nn.functional.cross_entropy(logits, labels) + self.options.gamma * reconstruction
+                grads = torch.autograd.grad(loss, projections)
+                with torch.no_grad():
+                    for projection, grad in zip(projections, grads):
+                        projection.copy_(stiefel_step(projection, grad, self.options.lr))
+                step += 1
+                if step >= self.options.steps:
+                    break
+            epoch += 1
+        for h in hooks:
+            h.remove()

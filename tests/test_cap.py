@@ -1,0 +1,124 @@
+"""CaP: orthonormal projections, exact merging, ranks, misfits."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from leancnn.errors import ConfigError
+from leancnn.methods import apply_methods
+from leancnn.methods.cap import (fold_batchnorm, insert_projections, merge_projections, retract, stiefel_step)
+from leancnn.methods.channels import channel_groups
+from leancnn.models import create_model
+
+
+def trained_like(name: str) -> torch.nn.Module:
+    """A model with non-trivial batch-norm statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=1, width=0.25)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(16, 1, 16, 16))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_folding_and_full_rank_permutation_merge_reproduce_the_model(name):
+    model = trained_like(name)
+    x = torch.rand(4, 1, 16, 16)
+    reference = model(x)
+    groups = channel_groups(model)
+    folded = copy.deepcopy(model)
+    for group in groups:
+        fold_batchnorm(folded.get_submodule(group.producer))
+    assert torch.allclose(folded(x), reference, atol=1e-4)
+    # A permutation is orthonormal and commutes with ReLU and pooling: merging it must be exact.
+    generator = torch.Generator().manual_seed(1)
+    projections = []
+    for group in groups:
+        width = folded.get_submodule(group.producer)[0].out_channels
+        projections.append(torch.eye(width)[:, torch.randperm(width, generator=generator)])
+    merged = merge_projections(copy.deepcopy(folded), groups, projections)
+    assert torch.allclose(merged(x), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_merged_network_equals_the_projected_one_at_any_rank(name):
+    model = trained_like(name)
+    groups = channel_groups(model)
+    for group in groups:
+        fold_batchnorm(model.get_submodule(group.producer))
+    generator = torch.Generator().manual_seed(2)
+    projections = []
+    for group in groups:
+        width = model.get_submodule(group.producer)[0].out_channels
+        projections.append(torch.nn.Parameter(retract(torch.randn(width, max(1, width // 2), generator=generator))))
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        projected = insert_projections(copy.deepcopy(model), groups, projections)(x)
+        merged_model = merge_projections(copy.deepcopy(model), groups, [p.detach() for p in projections])
+        merged = merged_model(x)
+    assert torch.allclose(projected, merged, atol=1e-4)
+    for group, projection in zip(groups, projections):
+        assert merged_model.get_submodule(group.producer)[0].out_channels == projection.shape[1]
+
+
+def test_stiefel_steps_keep_projections_orthonormal():
+    generator = torch.Generator().manual_seed(0)
+    projection = retract(torch.randn(24, 7, generator=generator))
+    for _ in range(50):
+        projection = stiefel_step(projection, torch.randn(24, 7, generator=generator) * 3, lr=0.1)
+    assert torch.allclose(projection.T @ projection, torch.eye(7), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_vgg(tmp_path_factory):
+    from leancnn.experiment import train_run
+
+    from .conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("cap")
+    return train_run(tiny_config(tmp, model="vgg11", width=0.25, epochs=2, train_subset=1200, lr=0.05), progress=False)
+
+
+@pytest.mark.parametrize("ranks", ["uniform", "energy"])
+def test_compress_with_cap_meets_the_mac_target(synthetic_vgg, tmp_path, ranks):
+    from leancnn.compress import compress_run
+    from leancnn.runs import load_run
+
+    out = tmp_path / ranks
+    result = compress_run(synthetic_vgg.run_dir, [f"cap:macs=0.5,ranks={ranks},steps=5"], epochs=1, out=out,
+                          progress=False, latency=False)
+    assert result["macs_dense"] <= 0.5 * synthetic_vgg.result["macs_dense"]
+    model, architecture = load_run(out)
+    ranks_chosen = result["compress"]["cap_ranks"]
+    for producer, rank in ranks_chosen.items():
+        assert model.get_submodule(producer)[0].out_channels == rank
+    # This tiny 2-epoch model loses most of its accuracy when every layer is halved at once
+    # (so does L1 pruning); one fine-tuning epoch must bring it well above chance (0.25).
+    assert result["test_acc"] > 0.6
+
+
+@pytest.mark.parametrize("spec, message", [("cap:macs=0", "macs must be in \\(0, 1\\]"),
+                                           ("cap:macs=1.2", "macs must be in \\(0, 1\\]"),
+                                           ("cap:macs=0.5", "needs a trained model")])
+def test_cap_bad_options(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_methods(create_model("vgg11"), [spec])
+
+
+def test_cap_unknown_layout_fails_before_changes(tmp_path):
+    from leancnn.compress import CompressContext
+    from leancnn.config import TrainConfig
+    from leancnn.data import load_dataset
+    from leancnn.methods import parse_method
+
+    model = create_model("mobilenetv2", in_channels=1, width=0.25)
+    before = copy.deepcopy(model.state_dict())
+    dataset = load_dataset("synthetic")
+    context = CompressContext(dataset, TrainConfig(), dataset.test_images, dataset.test_labels, [], False)
+    with pytest.raises(ConfigError, match="does not know"):
+        parse_method("cap:macs=0.5").compress(model, context)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
