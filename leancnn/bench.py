@@ -172,9 +172,10 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     for row in rows:
         writer.writerow([json.dumps(row.get(k)) if isinstance(row.get(k), dict) else row.get(k, "") for k in keys])
     write_text(out / "results.csv", buffer.getvalue())
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    columns = COLUMNS if any(line[-1] for line in lines) else COLUMNS[:-1]
+    md = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for index, line in enumerate(lines):
-        cells = [f"**{line[0]}**" if index in front else line[0]] + line[1:]
+        cells = ([f"**{line[0]}**" if index in front else line[0]] + line[1:])[:len(columns)]
         md.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     write_text(out / "results.md", "\n".join(notes) + "\n\n" + "\n".join(md) + "\n\nBold: on the accuracy/effective-MACs Pareto front.\n")
     ok = [r for r in rows if not r.get("error")]
