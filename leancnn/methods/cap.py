@@ -36,7 +36,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure import count
 from .base import Method, register_method
-from .channels import ChannelGroup, channel_groups, shrink_to_widths
+from .channels import ChannelGroup, channel_groups, largest_fraction, shrink_to_widths
 from .l1prune import parse_widths
 
 
@@ -209,14 +209,7 @@ def choose_ranks(model: nn.Module, groups: list[ChannelGroup], spectra, options:
         shrink_to_widths(thin, {g.producer: r for g, r in zip(groups, ranks)})
         return count(thin, input_shape).macs_dense
 
-    low, high = 0.0, 1.0
-    for _ in range(14):
-        middle = (low + high) / 2
-        if macs(ranks_for(middle)) <= target:
-            low = middle
-        else:
-            high = middle
-    ranks = ranks_for(low)
+    ranks = ranks_for(largest_fraction(lambda level: macs(ranks_for(level)) <= target))
     if macs(ranks) > target:
         raise ConfigError(f"method 'cap': macs={options.macs} is below what compressing channels can reach")
     return ranks

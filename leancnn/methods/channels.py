@@ -11,6 +11,7 @@ channel); in residual blocks only the channels inside a block are removable
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -110,6 +111,16 @@ def keep_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> 
     if consumer.bias is not None:
         new.bias.copy_(consumer.bias)
     _set(model, group.consumer, new.train(consumer.training))
+
+
+def largest_fraction(fits: Callable[[float], bool], iterations: int = 14) -> float:
+    """Bisection for the largest kept fraction in (0, 1] that still `fits` a budget
+    (MACs rise with the fraction); 0.0 when none does."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def group_widths(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, int]:

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure import count
 from .base import Method, register_method
-from .channels import channel_groups, keep_channels, shrink_to_widths
+from .channels import channel_groups, keep_channels, largest_fraction, shrink_to_widths
 
 
 @dataclass
@@ -72,14 +72,8 @@ class L1Prune(Method):
     def compress(self, model, context):
         shape = context.dataset.input_shape
         target = self.options.macs * count(model, shape).macs_dense
-        low, high = 0.0, 1.0
-        for _ in range(14):  # bisection on the kept fraction: MACs rise with it
-            middle = (low + high) / 2
-            trial = apply_keep(copy.deepcopy(model), l1_keep(model, middle))
-            if count(trial, shape).macs_dense <= target:
-                low = middle
-            else:
-                high = middle
+        low = largest_fraction(
+            lambda fraction: count(apply_keep(copy.deepcopy(model), l1_keep(model, fraction)), shape).macs_dense <= target)
         if low == 0.0:
             raise ConfigError(f"method 'l1prune': macs={self.options.macs} is below what removing channels can reach")
         pruned = apply_keep(model, l1_keep(model, low))
