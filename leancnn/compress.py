@@ -2,7 +2,6 @@
 run, fine-tune, and write a new run that loads like any other."""
 from __future__ import annotations
 
-import copy
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,7 +108,3 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     save_result(out, result)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return result
-
-
-def clone(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

@@ -69,3 +69,18 @@ def test_report_command_from_runs(tmp_path, capsys, monkeypatch):
     assert main(["report", "runs/d", "runs/p", "--out", "rep"]) == 0
     assert (tmp_path / "rep" / "report.html").is_file()
     assert "psconv:k=1" in (tmp_path / "rep" / "results.md").read_text()
+
+
+def test_budget_cuts_epochs_then_images(monkeypatch):
+    import leancnn.bench as bench
+
+    monkeypatch.setattr(bench, "_seconds_per_image", lambda plan: 0.01)
+    plan = _plan([Candidate("dense", []), Candidate("PS4_P4", ["PS4_P4"])])
+    plan.epochs, plan.train_subset = 10, None
+    # 2 candidates, 10 epochs x 60000 images x 0.0115 s is far over 1 minute: both cuts happen.
+    bench.fit_budget(plan, budget_minutes=1, train_size=60000)
+    assert plan.epochs == 1 and plan.train_subset is not None and plan.train_subset < 60000
+    assert [c.split(" ")[0] for c in plan.cuts] == ["epochs", "training"]
+    roomy = _plan([Candidate("dense", [])])
+    bench.fit_budget(roomy, budget_minutes=60, train_size=400)
+    assert roomy.cuts == [] and roomy.epochs == 1

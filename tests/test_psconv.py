@@ -141,3 +141,9 @@ def test_inference_cache_follows_weight_updates():
     other.load_state_dict(state)
     with torch.no_grad():
         assert torch.equal(other(x), reference())
+
+
+def test_periodic_layer_saves_only_its_patterns():
+    periodic = PSConv2d(8, 8, k=4, period=4).state_dict()
+    assert "support_patterns" in periodic and "support_index" not in periodic
+    assert "support_index" in PSConv2d(8, 8, k=4, period=4, assign="random").state_dict()

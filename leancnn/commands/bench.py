@@ -58,8 +58,8 @@ def run_report_command(args: argparse.Namespace) -> int:
         b64 = next((v for k, v in latency.items() if k.startswith("batch64_")), None)
         if b1 is None or b64 is None:
             raise LeancnnError(f"{run_dir}: result.json has no batch-1 and batch-64 latency; train with --latency")
-        label = run_dir.name if not result["methods"] else ", ".join(result["methods"])
-        rows.append({"label": "dense" if not result["methods"] else label, "run_dir": str(run_dir),
+        label = ", ".join(result["methods"]) or "dense"
+        rows.append({"label": label, "run_dir": str(run_dir),
                      **result, "latency_b1_ms": b1, "latency_b64_ms": b64})
     out = Path(args.out)
     title = "leancnn report"

@@ -95,10 +95,18 @@ class PSConv2d(nn.Conv2d):
         patterns, index = support_assignment(out_channels, in_channels // groups, k=k, period=period,
                                              dense_every=dense_every, assign=assign, seed=seed)
         self.register_buffer("support_patterns", patterns)
-        self.register_buffer("support_index", index.to(torch.uint8 if len(patterns) < 256 else torch.int32))
+        # Periodic: the per-kernel support number follows from (i + j + 1) mod P, so only the
+        # P patterns are saved; random assignment must save each kernel's number.
+        self.register_buffer("support_index", index.to(torch.uint8 if len(patterns) < 256 else torch.int32),
+                             persistent=assign != "periodic")
         self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
         self.apply_mask_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.assign == "periodic":  # files written before the index was derived still load
+            state_dict.pop(prefix + "support_index", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options) -> "PSConv2d":
