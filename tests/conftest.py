@@ -44,3 +44,12 @@ def trained_fmnist(tmp_path_factory, fashion_mnist):
                          test_subset=1000, latency=False, out=str(out)).validate()
     outcome = train_run(config, progress=False)
     return outcome
+
+
+@pytest.fixture(scope="session")
+def synthetic_vgg(tmp_path_factory):
+    """A small vgg11 trained on synthetic data, shared by the post-training method tests."""
+    from leancnn.experiment import train_run
+
+    tmp = tmp_path_factory.mktemp("vgg")
+    return train_run(tiny_config(tmp, model="vgg11", width=0.25, epochs=2, train_subset=1200, lr=0.05), progress=False)

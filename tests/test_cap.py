@@ -73,14 +73,6 @@ def test_stiefel_steps_keep_projections_orthonormal():
     assert torch.allclose(projection.T @ projection, torch.eye(7), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def synthetic_vgg(tmp_path_factory):
-    from leancnn.experiment import train_run
-
-    from .conftest import tiny_config
-
-    tmp = tmp_path_factory.mktemp("cap")
-    return train_run(tiny_config(tmp, model="vgg11", width=0.25, epochs=2, train_subset=1200, lr=0.05), progress=False)
 
 
 @pytest.mark.parametrize("ranks", ["uniform", "energy"])

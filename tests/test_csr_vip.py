@@ -102,29 +102,21 @@ def test_vip_counts_quarter_macs_and_rejects_1x1_maps():
         VirtualPool(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)))(torch.rand(1, 2, 1, 1))
 
 
-@pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    from leancnn.experiment import train_run
-
-    from .conftest import tiny_config
-
-    tmp = tmp_path_factory.mktemp("vip")
-    return train_run(tiny_config(tmp, model="vgg11", width=0.25, epochs=2, train_subset=1200, lr=0.05), progress=False)
 
 
-def test_compress_vip_named_layers_round_trip(synthetic_run, tmp_path, capsys):
+def test_compress_vip_named_layers_round_trip(synthetic_vgg, tmp_path, capsys):
     from leancnn.cli import main
     from leancnn.runs import load_run
 
     out = tmp_path / "vip"
-    code = main(["compress", str(synthetic_run.run_dir), "--method", "vip:layers=features.0+features.2",
+    code = main(["compress", str(synthetic_vgg.run_dir), "--method", "vip:layers=features.0+features.2",
                  "--epochs", "1", "--out", str(out), "--no-latency", "--no-progress", "--json"])
     assert code == 0
     import json
 
     result = json.loads(capsys.readouterr().out)
-    assert result["macs_dense"] < synthetic_run.result["macs_dense"]
-    assert result["compress"]["test_acc_original"] == pytest.approx(synthetic_run.result["test_acc"])
+    assert result["macs_dense"] < synthetic_vgg.result["macs_dense"]
+    assert result["compress"]["test_acc_original"] == pytest.approx(synthetic_vgg.result["test_acc"])
     model, architecture = load_run(out)
     assert architecture["methods"][-1].startswith("vip:layers=features.0+features.2")
     assert sum(isinstance(m, VirtualPool) for m in model.modules()) == 2
@@ -133,46 +125,46 @@ def test_compress_vip_named_layers_round_trip(synthetic_run, tmp_path, capsys):
     assert torch.equal(model(x), again(x))
 
 
-def test_compress_vip_sensitivity_reports_and_writes_nothing(synthetic_run, tmp_path, capsys):
+def test_compress_vip_sensitivity_reports_and_writes_nothing(synthetic_vgg, tmp_path, capsys):
     from leancnn.cli import main
 
     out = tmp_path / "nothing"
-    assert main(["compress", str(synthetic_run.run_dir), "--method", "vip:sensitivity", "--out", str(out),
+    assert main(["compress", str(synthetic_vgg.run_dir), "--method", "vip:sensitivity", "--out", str(out),
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "ViP sensitivity" in printed and "features.0" in printed
     assert not out.exists()
 
 
-def test_compress_vip_auto_respects_max_drop(synthetic_run, tmp_path):
+def test_compress_vip_auto_respects_max_drop(synthetic_vgg, tmp_path):
     from leancnn.compress import compress_run
 
-    result = compress_run(synthetic_run.run_dir, ["vip:layers=auto,max_drop=0.05,per_round=1,rounds=2"], epochs=0,
+    result = compress_run(synthetic_vgg.run_dir, ["vip:layers=auto,max_drop=0.05,per_round=1,rounds=2"], epochs=0,
                           out=tmp_path / "auto", progress=False, latency=False)
     chosen = result["compress"]["vip_layers"]
     assert 1 <= len(chosen) <= 2
     assert result["methods"][-1].startswith("vip:layers=" + "+".join(chosen))
 
 
-def test_vip_misfits(synthetic_run):
+def test_vip_misfits(synthetic_vgg):
     from leancnn.compress import compress_run
 
     with pytest.raises(ConfigError, match="no block matches layers='nothing'"):
-        compress_run(synthetic_run.run_dir, ["vip:layers=nothing"], epochs=0, out=None, progress=False)
+        compress_run(synthetic_vgg.run_dir, ["vip:layers=nothing"], epochs=0, out=None, progress=False)
     # vgg11 on 16x16 inputs: the last blocks see 1x1 maps.
     with pytest.raises(ConfigError, match="feature map is smaller than 2x2"):
-        compress_run(synthetic_run.run_dir, ["vip:layers=features.10"], epochs=0, out=None, progress=False)
+        compress_run(synthetic_vgg.run_dir, ["vip:layers=features.10"], epochs=0, out=None, progress=False)
     with pytest.raises(ConfigError, match="need a trained model"):
         apply_methods(create_model("vgg11"), ["vip:layers=auto"])
 
 
-def test_l1prune_halves_macs_and_reloads(synthetic_run, tmp_path):
+def test_l1prune_halves_macs_and_reloads(synthetic_vgg, tmp_path):
     from leancnn.compress import compress_run
     from leancnn.runs import load_run
 
-    result = compress_run(synthetic_run.run_dir, ["l1prune:macs=0.5"], epochs=1, out=tmp_path / "l1",
+    result = compress_run(synthetic_vgg.run_dir, ["l1prune:macs=0.5"], epochs=1, out=tmp_path / "l1",
                           progress=False, latency=False)
-    ratio = result["macs_dense"] / synthetic_run.result["macs_dense"]
+    ratio = result["macs_dense"] / synthetic_vgg.result["macs_dense"]
     assert 0.35 < ratio <= 0.5
     model, _ = load_run(tmp_path / "l1")
     assert model.features[0][0].out_channels < 16
