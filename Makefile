@@ -6,9 +6,9 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.leancnn-setup
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup demo test bench clean-runs
+.PHONY: setup data kernels demo test bench clean-runs
 
-setup: $(STAMP) data
+setup: $(STAMP) data kernels
 
 $(STAMP): pyproject.toml
 	@# A torch the user already has (system site-packages) is kept: the venv then sees it.
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 data: $(STAMP)
 	@$(PY) -m leancnn.data.ensure fashion-mnist
+
+# The compiled pSConv kernel, into ~/.cache/leancnn (a minute the first time; without a
+# compiler leancnn says so and uses the masked dense convolution).
+kernels: $(STAMP)
+	@$(PY) -m leancnn.kernels
 
 demo: setup
 	$(VENV)/bin/leancnn bench --quick --out bench/quick

@@ -32,3 +32,25 @@ def median(values: list[float]) -> float:
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def splice_readme(block: str, marker: str) -> None:
+    """Replace the README's text between <!-- marker:start --> and <!-- marker:end -->."""
+    import re
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if start not in text:
+        print(f"README has no {start} marker; table not spliced")
+        return
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+
+
+def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> float:
+    """Median latency in ms, the faster of the two memory formats."""
+    from leancnn.measure import measure_latency
+
+    return min(measure_latency(model, input_shape, batch_size=batch, threads=threads, channels_last=cl,
+                               runs=runs).median_ms for cl in (True, False))

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from common import machine_line, median, pin_threads
+from common import machine_line, median, pin_threads, splice_readme
 
 from leancnn.config import TrainConfig
 from leancnn.experiment import ensure_run
@@ -130,17 +129,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def splice_readme(block: str, marker: str = "psconv-table") -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if start not in text:
-        print(f"README has no {start} marker; table not spliced")
-        return
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
@@ -171,7 +159,7 @@ def main() -> None:
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "benchmarks" / "results" / "psconv_table.md").write_text(block + "\n")
     (ROOT / "benchmarks" / "results" / "psconv_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    splice_readme(block)
+    splice_readme(block, "psconv-table")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Compiled inference kernels.
+
+`psconv_extension()` builds leancnn/kernels/psconv_kernel.cpp against the
+installed torch the first time it is needed (or at `make setup`), into a cache
+under ~/.cache/leancnn (LEANCNN_CACHE overrides), and returns the module; when
+no compiler is present it returns None and says so once, and callers fall back
+to the masked dense convolution.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE_DIR = Path(__file__).resolve().parent
+SOURCES = [SOURCE_DIR / "psconv_kernel.cpp", SOURCE_DIR / "psconv_body.inc"]
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LEANCNN_CACHE", Path.home() / ".cache" / "leancnn"))
+    # One build per source text and torch version: a changed kernel or torch rebuilds.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()[:12]
+    return root / "kernels" / f"psconv-{digest}"
+
+
+def psconv_extension(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel module, or None (with one warning) when it cannot be built."""
+    if "psconv" in _state:
+        return _state["psconv"]  # type: ignore[return-value]
+    if os.environ.get("LEANCNN_NO_KERNELS"):
+        _state["psconv"] = None
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = cache_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        module = load(name="leancnn_psconv", sources=[str(SOURCES[0])], build_directory=str(build),
+                      extra_cflags=["-O3"], extra_include_paths=[str(SOURCE_DIR)], verbose=verbose)
+    except Exception as error:  # no compiler, no ninja, a failed build: run the masked dense path
+        first_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
+        warnings.warn(f"leancnn: the compiled pSConv kernel is unavailable ({first_line}); "
+                      "using the masked dense convolution", RuntimeWarning, stacklevel=2)
+        module = None
+    _state["psconv"] = module
+    return module
+
+
+def main() -> None:
+    """`python -m leancnn.kernels`: build the kernels now (make setup does this)."""
+    module = psconv_extension(verbose="-v" in sys.argv)
+    if module is None:
+        print("pSConv kernel: not built; leancnn will use the masked dense convolution")
+        raise SystemExit(0)
+    print(f"pSConv kernel: built in {cache_dir()}, instruction set {module.isa()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The compiled pSConv kernel against the masked dense convolution, every
+instruction set this CPU has, the fallback paths, and a deployed model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import leancnn
+from leancnn import kernels
+from leancnn.deploy import deploy, fold_batchnorm
+from leancnn.kernels import psconv as kernel_module
+from leancnn.kernels.psconv import PSConvInference
+from leancnn.layers.psconv import PSConv2d
+
+EXTENSION = kernels.psconv_extension()
+needs_kernel = pytest.mark.skipif(EXTENSION is None, reason="no C++ compiler: the kernel could not be built")
+
+SUPPORTS = {
+    "PS4_P4": dict(k=4, period=4),
+    "PS2_P6": dict(k=2, period=6),
+    "PS1_P9": dict(k=1, period=9),
+    "PSD4_P8": dict(k=4, period=8, dense_every=True),
+    "PSD1_P16": dict(k=1, period=16, dense_every=True),
+    "PS3_P4": dict(k=3, period=4),
+    "PS4_P4_random": dict(k=4, period=4, assign="random"),
+}
+# (C_in, C_out, H, W, stride, batch): odd sizes, 1x1 and 2x2 maps, channel counts off 16 and 64.
+SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 70, 2, 2, 1, 2),
+          (33, 65, 7, 7, 2, 2), (64, 64, 8, 8, 1, 1), (48, 128, 6, 5, 2, 4), (3, 5, 3, 3, 1, 5)]
+
+
+def isas() -> list[str]:
+    if EXTENSION is None:
+        return []
+    native = EXTENSION.isa()
+    return {"avx512": ["generic", "avx2", "avx512"], "avx2": ["generic", "avx2"]}.get(native, ["generic"])
+
+
+def reference(conv: PSConv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    out = F.conv2d(x, conv.weight * conv.mask, conv.bias, conv.stride, 1)
+    return F.relu(out) if relu else out
+
+
+def random_layer(c_in, c_out, stride, support, bias=True, seed=0) -> PSConv2d:
+    torch.manual_seed(seed)
+    conv = PSConv2d(c_in, c_out, 3, stride, 1, bias=bias, **SUPPORTS[support])
+    with torch.no_grad():
+        conv.weight.normal_()
+        if bias:
+            conv.bias.normal_()
+    return conv
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_kernel_matches_masked_dense_convolution(isa, monkeypatch):
+    if isa not in isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("LEANCNN_PSCONV_ISA", isa)
+    for index, (c_in, c_out, h, w, stride, batch) in enumerate(SHAPES):
+        for support in SUPPORTS:
+            if support == "PS1_P9" and c_in * c_out < 9:
+                continue
+            conv = random_layer(c_in, c_out, stride, support, bias=index % 2 == 0, seed=index)
+            x = torch.randn(batch, c_in, h, w)  # fresh inputs per case
+            for relu in (False, True):
+                layer = PSConvInference(conv, relu=relu)
+                with torch.no_grad():
+                    want, got = reference(conv, x, relu), layer(x)
+                assert got.shape == want.shape
+                assert got.is_contiguous(memory_format=torch.channels_last)
+                scale = want.abs().max().clamp_min(1e-6)
+                error = ((got - want).abs().max() / scale).item()
+                assert error < 1e-5, f"{isa} {support} {(c_in, c_out, h, w, stride, batch)} relu={relu}: {error:.2e}"
+
+
+@needs_kernel
+def test_block_width_32_on_wide_layers():
+    conv = random_layer(32, 128, 1, "PS4_P4")
+    layer = PSConvInference(conv)
+    expected = 32 if EXTENSION.isa() == "avx512" else 16
+    assert layer.block == expected
+    x = torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), reference(conv, x, False), rtol=1e-5, atol=1e-4)
+
+
+def test_fallback_when_the_kernel_is_missing(monkeypatch):
+    conv = random_layer(12, 20, 2, "PSD4_P8")
+    monkeypatch.setattr(kernel_module, "psconv_extension", lambda: None)
+    layer = PSConvInference(conv, relu=True)
+    assert layer.isa == "unavailable"
+    x = torch.randn(3, 12, 7, 5)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), reference(conv, x, True), rtol=1e-5, atol=1e-5)
+
+
+def test_no_compiler_warns_once_and_returns_none(monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    def failing_load(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp, "load", failing_load)
+    monkeypatch.setitem(kernels._state, "psconv", "sentinel")
+    kernels._state.pop("psconv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.psconv_extension() is None
+        assert kernels.psconv_extension() is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "masked dense convolution" in messages[0]
+
+
+def test_pack_lists_only_kept_taps():
+    conv = random_layer(16, 32, 1, "PS4_P4")
+    packed = kernel_module.pack(conv.weight.detach(), conv.mask, None, 16)
+    # Periodic PS4: 4 support groups of 8 filters, each block lists 16 channels x 4 taps.
+    assert packed["tap_offsets"].shape == (4, 10)
+    assert packed["channels"].numel() == 4 * 16 * 4
+    position = packed["position"].long()
+    assert len(set(position.tolist())) == 32  # every filter has its own slot
+    # Filters that share a block share their support row.
+    rows = conv.mask.reshape(32, -1)
+    for block in range(4):
+        members = torch.nonzero((position // 16) == block).flatten()
+        assert len(members) == 8 and (rows[members] == rows[members[0]]).all()
+
+
+def test_fold_batchnorm_keeps_outputs():
+    torch.manual_seed(0)
+    model = leancnn.create_model("resnet20", in_channels=1, width=0.5)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_()
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_deployed_model_predicts_like_the_trained_one(tmp_path, fashion_mnist):
+    """A PS4_P4 resnet20 trained briefly on Fashion-MNIST: the deployed model
+    (batch norm folded, kernel, fused ReLU) gives the same predictions on all
+    10,000 test images."""
+    from leancnn.config import TrainConfig
+    from leancnn.experiment import train_run
+    from leancnn.runs import load_run
+
+    config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=1, train_subset=3000,
+                         methods=["PS4_P4"], latency=False, out=str(tmp_path / "run")).validate()
+    train_run(config, progress=False)
+    model, _ = load_run(tmp_path / "run")
+    deployed = deploy(model)
+    swapped = [m for m in deployed.modules() if isinstance(m, PSConvInference)]
+    assert len(swapped) == 18 and sum(m.relu for m in swapped) == 9  # conv1 of every block fuses its ReLU
+    images = fashion_mnist.test_images.float() / 255.0
+    with torch.no_grad():
+        trained = torch.cat([model(batch).argmax(1) for batch in images.split(1000)])
+        served = torch.cat([deployed(batch).argmax(1) for batch in images.split(1000)])
+    assert (trained == served).float().mean().item() >= 0.999  # float rounding may flip a near tie
