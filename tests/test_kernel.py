@@ -30,7 +30,9 @@ SUPPORTS = {
 }
 # (C_in, C_out, H, W, stride, batch): odd sizes, 1x1 and 2x2 maps, channel counts off 16 and 64.
 SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 70, 2, 2, 1, 2),
-          (33, 65, 7, 7, 2, 2), (64, 64, 8, 8, 1, 1), (48, 128, 6, 5, 2, 4), (3, 5, 3, 3, 1, 5)]
+          (33, 65, 7, 7, 2, 2), (64, 64, 8, 8, 1, 1), (48, 128, 6, 5, 2, 4), (3, 5, 3, 3, 1, 5),
+          # wide maps, C_in a power of two: the pitched path (window corners a constant apart)
+          (16, 24, 16, 17, 1, 2), (32, 48, 19, 16, 1, 1), (64, 64, 5, 20, 1, 3), (16, 16, 16, 16, 2, 1)]
 
 
 def isas() -> list[str]:
@@ -120,7 +122,7 @@ def test_pack_lists_only_kept_taps():
     conv = random_layer(16, 32, 1, "PS4_P4")
     packed = kernel_module.pack(conv.weight.detach(), conv.mask, None, 16)
     # Periodic PS4: 4 support groups of 8 filters, each block lists 16 channels x 4 taps.
-    assert packed["tap_offsets"].shape == (4, 10)
+    assert packed["block_begin"].tolist() == [0, 64, 128, 192, 256]
     assert packed["channels"].numel() == 4 * 16 * 4
     position = packed["position"].long()
     assert len(set(position.tolist())) == 32  # every filter has its own slot

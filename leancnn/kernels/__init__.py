@@ -19,13 +19,16 @@ import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = [SOURCE_DIR / "psconv_kernel.cpp", SOURCE_DIR / "psconv_body.inc"]
+# ATen's parallel_for is OpenMP in the header: without -fopenmp it runs on one thread.
+BUILD_FLAGS = "-O3 -fopenmp"
 _state: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
     root = Path(os.environ.get("LEANCNN_CACHE", Path.home() / ".cache" / "leancnn"))
     # One build per source text and torch version: a changed kernel or torch rebuilds.
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + BUILD_FLAGS.encode()
+                            + torch.__version__.encode()).hexdigest()[:12]
     return root / "kernels" / f"psconv-{digest}"
 
 
@@ -42,7 +45,8 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
         build = cache_dir()
         build.mkdir(parents=True, exist_ok=True)
         module = load(name="leancnn_psconv", sources=[str(SOURCES[0])], build_directory=str(build),
-                      extra_cflags=["-O3"], extra_include_paths=[str(SOURCE_DIR)], verbose=verbose)
+                      extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"],
+                      extra_include_paths=[str(SOURCE_DIR)], verbose=verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: run the masked dense path
         first_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
         warnings.warn(f"leancnn: the compiled pSConv kernel is unavailable ({first_line}); "

@@ -1,13 +1,15 @@
 // Inference kernel for pre-defined (periodic) sparse 3x3 convolution (pSConv),
 // fp32, channels_last, padding 1, stride 1 or 2, optional fused bias and ReLU.
 //
-// Data layout (built once per layer by leancnn/kernels/__init__.py: pack()):
+// Data layout (built once per layer by leancnn/kernels/psconv.py: pack()):
 //   filters are grouped by their support row (the taps each input channel
 //   uses; periodic pSConv gives P groups), and each group is cut into blocks
-//   of FB filters (16 or 32; a short last block is padded with -1 filters).
+//   of FB filters (16 or 32; a short last block has empty lanes).
 //   Per block, the (tap, input channel) pairs that any of its filters uses are
-//   listed tap by tap: tap_offsets[block][t] .. [t + 1] index into channels[]
-//   and into weights[] (FB floats per pair, zero where a filter skips the tap).
+//   listed tap by tap: block_begin[block] .. [block + 1] index into
+//   channels[], taps[] and weights[] (FB floats per pair, zero where a filter
+//   skips the tap). Per call the pairs become offsets into the zero-padded
+//   input, counted from each output pixel's window corner.
 //   position[f] is filter f's place in block order (block * FB + lane), and
 //   packed_bias the bias in block order.
 // A block on a tile of output pixels therefore does, per listed pair, one
@@ -21,6 +23,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -34,18 +38,24 @@
 namespace {
 
 struct Problem {
-  const float* input;       // [N, H, W, C_in]
-  const float* zeros;       // C_in zeros, read for padding taps
+  const float* input;       // [N, H + 2, W + 2, C_in], zero-padded
   const float* weights;     // [pairs, FB]
-  const int32_t* channels;  // [pairs]
-  const int32_t* tap_offsets;    // [blocks, 10]
+  const int32_t* offsets;   // [pairs]: (dy * (W + 2) + dx) * C_in + channel, floats from the window corner
+  const int32_t* block_begin;    // [blocks + 1]: each block's first pair
   const float* packed_bias; // [blocks, FB], block order (zeros without bias)
   const int32_t* position;  // [C_out]: where filter f sits in block order
   float* output;            // [N, OH, OW, C_out]
-  int64_t in_h, in_w, in_channels, out_h, out_w, out_channels, pixels, blocks;
+  int64_t in_h, in_w, in_channels, out_h, out_w, out_channels, pixels, blocks;  // in_h, in_w: padded
   int stride;
   bool relu;
+  bool pitched;  // stride 1, C_in in {16, ..., 512}, maps >= 16 wide: run_pitched
 };
+
+constexpr int kMaxTile = 12;  // the most pixels any tile has
+
+bool pitched_applies(int64_t stride, int64_t c_in, int64_t width) {
+  return stride == 1 && width >= 16 && (c_in == 16 || c_in == 32 || c_in == 64 || c_in == 128 || c_in == 256 || c_in == 512);
+}
 
 namespace generic {
 // Portable path: one "vector" is one float; the compiler may vectorise it.
@@ -84,9 +94,29 @@ namespace avx2 {
 
 // 16 filters: 2 vectors x 6 pixels = 12 accumulators; 32 filters: 4 x 3.
 void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) return run_range<2, 6>(p, begin, end);
-  return run_range<4, 3>(p, begin, end);
+  if (fb == 16) {
+    if (!(p.pitched && try_pitched<2, 6>(p, begin, end))) run_range<2, 6>(p, begin, end);
+    return;
+  }
+  if (!(p.pitched && try_pitched<4, 3>(p, begin, end))) run_range<4, 3>(p, begin, end);
 }
+
+double fma_loop(int64_t iterations) {
+  __m256 a[12];
+  const __m256 b = _mm256_set1_ps(0.999999f), c = _mm256_set1_ps(1e-7f);
+  for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(static_cast<float>(i));
+  for (int64_t it = 0; it < iterations; ++it)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+  alignas(32) float lanes[8];
+  float sum = 0;
+  for (int i = 0; i < 12; ++i) {
+    _mm256_store_ps(lanes, a[i]);
+    for (float v : lanes) sum += v;
+  }
+  return sum;
+}
+constexpr int peak_lanes = 8;
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -106,9 +136,26 @@ namespace avx512 {
 
 // 16 filters: 1 vector x 12 pixels; 32 filters: 2 vectors x 6 pixels (12 accumulators either way).
 void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) return run_range<1, 12>(p, begin, end);
-  return run_range<2, 6>(p, begin, end);
+  if (fb == 16) {
+    if (!(p.pitched && try_pitched<1, 12>(p, begin, end))) run_range<1, 12>(p, begin, end);
+    return;
+  }
+  if (!(p.pitched && try_pitched<2, 6>(p, begin, end))) run_range<2, 6>(p, begin, end);
 }
+
+// Twelve independent FMA chains: the core's FMA throughput, for the benchmark's peak figure.
+double fma_loop(int64_t iterations) {
+  __m512 a[12];
+  const __m512 b = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  for (int i = 0; i < 12; ++i) a[i] = _mm512_set1_ps(static_cast<float>(i));
+  for (int64_t it = 0; it < iterations; ++it)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; ++i) a[i] = _mm512_fmadd_ps(a[i], b, c);
+  float sum = 0;
+  for (int i = 0; i < 12; ++i) sum += _mm512_reduce_add_ps(a[i]);
+  return sum;
+}
+constexpr int peak_lanes = 16;
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
@@ -146,31 +193,46 @@ int tile_pixels(Isa isa, int64_t fb) {
   }
 }
 
-torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor tap_offsets,
-                      torch::Tensor packed_bias, torch::Tensor position, int64_t stride, bool relu) {
+torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
+                      torch::Tensor block_begin, torch::Tensor packed_bias, torch::Tensor position, int64_t stride,
+                      bool relu) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
   const int64_t fb = weights.size(1);
   TORCH_CHECK(fb == 16 || fb == 32, "pSConv kernel: block width must be 16 or 32");
-  TORCH_CHECK(weights.is_contiguous() && channels.is_contiguous() && tap_offsets.is_contiguous() &&
-              packed_bias.is_contiguous() && position.is_contiguous(), "pSConv kernel: packed tensors must be contiguous");
+  TORCH_CHECK(weights.is_contiguous() && channels.is_contiguous() && taps.is_contiguous() &&
+              block_begin.is_contiguous() && packed_bias.is_contiguous() && position.is_contiguous(),
+              "pSConv kernel: packed tensors must be contiguous");
+  TORCH_CHECK(channels.numel() == taps.numel() && weights.size(0) == taps.numel(),
+              "pSConv kernel: one channel, tap and weight row per pair");
   const int64_t out_channels = position.size(0);
-  const int64_t blocks = tap_offsets.size(0);
+  const int64_t blocks = block_begin.numel() - 1;
   TORCH_CHECK(packed_bias.numel() == blocks * fb, "pSConv kernel: packed bias must hold blocks x block width");
   auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t out_h = (h - 1) / stride + 1, out_w = (w - 1) / stride + 1;  // padding 1, kernel 3
   auto output = torch::empty({n, out_channels, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  std::vector<float> zeros(static_cast<size_t>(std::max<int64_t>(c_in, 1)), 0.0f);
-  Problem p{x.data_ptr<float>(), zeros.data(), weights.data_ptr<float>(), channels.data_ptr<int32_t>(),
-            tap_offsets.data_ptr<int32_t>(), packed_bias.data_ptr<float>(), position.data_ptr<int32_t>(),
-            output.data_ptr<float>(), h, w, c_in, out_h, out_w, out_channels, n * out_h * out_w, blocks,
-            static_cast<int>(stride), relu};
+  // Zero padding once, so the inner loop needs no bounds checks: one offset per (tap, channel).
+  // Extra rows at the bottom: a pitched tile's last pixels may read past the image's
+  // own padded grid (their results are dropped), never past the buffer.
+  const Isa isa = detect();
+  const bool pitched = pitched_applies(stride, c_in, w);
+  const int64_t extra_rows = pitched ? (kMaxTile + w + 1) / (w + 2) + 1 : 0;
+  auto padded = torch::constant_pad_nd(x, {1, 1, 1, 1 + extra_rows}, 0.0).contiguous(at::MemoryFormat::ChannelsLast);
+  const int32_t* tap = taps.data_ptr<int32_t>();
+  const int32_t* channel = channels.data_ptr<int32_t>();
+  std::vector<int32_t> offsets(static_cast<size_t>(channels.numel()));
+  for (size_t e = 0; e < offsets.size(); ++e)
+    offsets[e] = static_cast<int32_t>(((tap[e] / 3) * (w + 2) + tap[e] % 3) * c_in + channel[e]);
+  Problem p{padded.data_ptr<float>(), weights.data_ptr<float>(), offsets.data(), block_begin.data_ptr<int32_t>(),
+            packed_bias.data_ptr<float>(), position.data_ptr<int32_t>(), output.data_ptr<float>(),
+            h + 2 + extra_rows, w + 2, c_in, out_h, out_w, out_channels, n * out_h * out_w, blocks,
+            static_cast<int>(stride), relu, pitched && isa != Isa::generic};
   if (p.pixels == 0) return output;
   if (p.blocks == 0) return output;  // no filters
-  const Isa isa = detect();
-  const int64_t tiles = (p.pixels + tile_pixels(isa, fb) - 1) / tile_pixels(isa, fb);
+  const int64_t tp = tile_pixels(isa, fb);
+  const int64_t tiles = p.pitched ? n * ((out_h * (w + 2) + tp - 1) / tp) : (p.pixels + tp - 1) / tp;
   // A tile is every filter on TP pixels; a few per task keep the scheduling overhead small.
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     switch (isa) {
@@ -186,9 +248,37 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
 
 std::string isa() { return isa_name(detect()); }
 
+// Measured FMA throughput in GFLOP/s (2 flops per lane per FMA) of the vector unit the
+// kernel uses, with `threads` threads each running independent chains.
+double peak_gflops(int64_t threads, double seconds) {
+  const Isa chosen = detect();
+#ifdef LEANCNN_X86
+  if (chosen == Isa::generic) return 0.0;
+  const int lanes = chosen == Isa::avx512 ? avx512::peak_lanes : avx2::peak_lanes;
+  auto run = [&](int64_t iterations) {
+    return chosen == Isa::avx512 ? avx512::fma_loop(iterations) : avx2::fma_loop(iterations);
+  };
+  int64_t iterations = 1 << 20;
+  for (;;) {  // grow until one pass takes long enough to time
+    auto start = std::chrono::steady_clock::now();
+    std::atomic<double> sink{0.0};
+    at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) sink = sink + run(iterations);
+    });
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (elapsed >= seconds || iterations > (int64_t(1) << 40))
+      return 2.0 * 12 * lanes * static_cast<double>(iterations) * threads / elapsed / 1e9 + 0.0 * sink.load();
+    iterations *= 2;
+  }
+#else
+  return 0.0;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "pSConv 3x3 inference (channels_last, padding 1)");
   m.def("isa", &isa, "the instruction set the kernel runs with on this CPU");
+  m.def("peak_gflops", &peak_gflops, "measured FMA throughput (GFLOP/s) of that instruction set");
 }
