@@ -23,6 +23,7 @@ import torch
 from .config import TrainConfig
 from .errors import LeancnnError
 from .io import write_text
+from .deploy import deploy
 from .measure import measure_latency
 from .measure.latency import cpu_model
 from .report.html import write_report
@@ -127,6 +128,7 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
                          out=str(run_dir)).validate()
     result = ensure_run(config, progress=progress)
     model, architecture = load_run(run_dir)
+    model = deploy(model)  # latency of what inference runs: batch norm folded, pSConv on the kernel
     shape = tuple(architecture["input_shape"])
     for batch in (1, 64):
         result[f"latency_b{batch}_ms"] = min(

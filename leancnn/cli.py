@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--classes", type=int, default=10, help="classes for --model (default 10)")
     profile.add_argument("--width", type=float, default=1.0, help="width multiplier for --model")
     profile.add_argument("--method", dest="methods", action="append", default=[], help="method spec, repeatable")
+    profile.add_argument("--deploy", action="store_true",
+                         help="profile and time the deployed model (batch norm folded, pSConv on the compiled kernel)")
     profile.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
     profile.add_argument("--json", action="store_true", help="print figures as JSON")
     profile.set_defaults(func=cmd_profile)

@@ -171,3 +171,20 @@ def test_deployed_model_predicts_like_the_trained_one(tmp_path, fashion_mnist):
         trained = torch.cat([model(batch).argmax(1) for batch in images.split(1000)])
         served = torch.cat([deployed(batch).argmax(1) for batch in images.split(1000)])
     assert (trained == served).float().mean().item() >= 0.999  # float rounding may flip a near tie
+
+
+def test_onnx_export_of_a_deployed_model_sees_ordinary_convolutions():
+    """The kernel is opaque to tracing; export must use the dense path, not bake in a constant."""
+    pytest.importorskip("onnxruntime")
+    from leancnn.measure.onnx_latency import export_onnx
+
+    torch.manual_seed(0)
+    model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS4_P4").eval()
+    deployed = deploy(model)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(export_onnx(deployed, (1, 28, 28)), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, 1, 28, 28)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), model(x), rtol=1e-3, atol=1e-4)

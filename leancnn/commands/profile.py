@@ -30,6 +30,11 @@ def run_profile(args: argparse.Namespace) -> int:
         model = create_model(args.model, num_classes=args.classes, in_channels=input_shape[0], width=args.width)
         model, _ = apply_methods(model, args.methods)
         title = f"{args.model} at {'x'.join(map(str, input_shape))}" + (f" with {', '.join(args.methods)}" if args.methods else "")
+    if args.deploy:  # what inference runs: batch norm folded, pSConv on the compiled kernel
+        from ..deploy import deploy
+
+        model = deploy(model)
+        title += ", deployed"
     profile = count(model, input_shape)
     totals = profile.totals()
     output = {"input_shape": list(input_shape), "methods": args.methods, **totals,

@@ -106,8 +106,10 @@ class PSConvInference(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         extension = psconv_extension()
-        if extension is None or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() \
-                and x.requires_grad:
+        # Tracing (ONNX export, torch.jit) must see ordinary ops: the kernel is opaque to it.
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if extension is None or tracing or x.device.type != "cpu" or x.dtype != torch.float32 \
+                or (torch.is_grad_enabled() and x.requires_grad):
             out = F.conv2d(x, self.weight.to(x), None if self.bias is None else self.bias.to(x),
                            self.stride, 1)
             return F.relu(out) if self.relu else out
