@@ -122,7 +122,8 @@ def csr_part(args: argparse.Namespace) -> str:
         out = Path(args.out) / run_name(model, spec, width)
         if model == "resnet20" and spec == "dense":
             out = Path(args.cap_out) / f"resnet20-w{width}-dense"  # the CaP table's dense model, same schedule
-        config = TrainConfig(data="fashion-mnist", model=model, width=width, epochs=args.epochs,
+        epochs = args.mobilenet_epochs if model == "mobilenetv2" else args.epochs
+        config = TrainConfig(data="fashion-mnist", model=model, width=width, epochs=epochs,
                              train_subset=args.train_subset, seed=args.seed, threads=args.threads,
                              methods=[] if spec == "dense" else [spec], latency=False, out=str(out), lr=args.lr,
                              batch_size=128).validate()
@@ -147,7 +148,8 @@ def csr_part(args: argparse.Namespace) -> str:
         lines.append(f"| {r['model']} (w{args.width}) | {r['variant']} | {100 * r['test_acc']:.2f}% | "
                      f"{r['params'] / 1e3:.1f} k | {check} | {r['macs'] / 1e6:.2f} M | {r['latency_b1']:.2f} | "
                      f"{r['latency_b64']:.1f} |")
-    summary = (f"{machine_line()}\n\nAll trained from scratch, {args.epochs} epochs on a {args.train_subset}-image "
+    summary = (f"{machine_line()}\n\nAll trained from scratch, {args.epochs} epochs (mobilenetv2: "
+               f"{args.mobilenet_epochs}) on a {args.train_subset}-image "
                f"subset of the training set, batch 128, SGD+Nesterov, one-cycle lr {args.lr}, seed {args.seed}; "
                f"accuracy on the full 10k test set. Latency: {args.latency_threads} thread(s), batch norm folded, "
                f"median of {args.latency_runs} runs, the faster memory format (pSConv runs as a masked dense "
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["vip", "csr"], required=True)
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--epochs", type=int, default=6, help="training epochs (csr part)")
+    parser.add_argument("--mobilenet-epochs", type=int, default=3,
+                        help="training epochs of the mobilenetv2 rows (csr part; it trains about 3x slower)")
     parser.add_argument("--finetune", type=int, default=1, help="final fine-tuning epochs (vip part)")
     parser.add_argument("--train-subset", type=int, default=30000)
     parser.add_argument("--lr", type=float, default=0.1)
