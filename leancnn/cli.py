@@ -170,6 +170,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_report_command(args)
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from .commands.zoo import run_zoo_build
+
+    return run_zoo_build(args)
+
+
+def cmd_zoo_show(args: argparse.Namespace) -> int:
+    from .commands.zoo import run_zoo_show
+
+    return run_zoo_show(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .commands.zoo import run_serve
+
+    return run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="leancnn", description="Make CNNs cheaper to run, and measure it honestly.")
     parser.add_argument("--version", action="version", version=f"leancnn {__version__}")
@@ -269,6 +287,43 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("--out", default="report", help="output folder (default report/)")
     report.set_defaults(func=cmd_report)
+
+    zoo = sub.add_parser("zoo", help="a model zoo on the accuracy/time front, for the deadline-aware runtime",
+                         description="Build or show a zoo: the runs' models re-timed at batch 1 on this machine, "
+                                     "only those on the accuracy/time front, thinned so accuracy rises with time.")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", parser_class=Parser, required=True)
+    build = zoo_sub.add_parser("build", help="runs -> zoo directory with manifest.json",
+                               description="Runs -> a zoo directory (manifest.json, models/, front.png).")
+    build.add_argument("--from", dest="sources", nargs="+", required=True, metavar="SOURCE",
+                       help="run directories, bench directories, or runs.db files / their directories")
+    build.add_argument("--out", required=True, help="zoo directory to write")
+    build.add_argument("--quantile", default="p90", choices=["median", "p90"],
+                       help="latency the selector plans with (default p90)")
+    build.add_argument("--epsilon", type=float, default=0.002,
+                       help="smallest accuracy gain (fraction) a slower model must bring (default 0.002)")
+    build.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per model (default 50)")
+    build.add_argument("--threads", type=int, default=1, help="threads to time (and serve) with (default 1)")
+    build.set_defaults(func=cmd_zoo_build)
+    show_zoo = zoo_sub.add_parser("show", help="print a zoo's table and plot its front")
+    show_zoo.add_argument("zoo", help="zoo directory")
+    show_zoo.set_defaults(func=cmd_zoo_show)
+
+    serve = sub.add_parser("serve", help="serve a zoo over HTTP, picking per request the best model for its deadline",
+                           description="POST /predict (PNG, JPEG, .npy or raw uint8 body, or JSON with base64 "
+                                       "'image' and 'deadline_ms'; deadline in X-Deadline-Ms or ?deadline_ms=), "
+                                       "GET /health, GET /metrics.")
+    serve.add_argument("zoo", help="zoo directory (leancnn zoo build)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--when-nothing-fits", default="fastest", choices=["fastest", "refuse"],
+                       help="answer with the fastest model and mark the deadline missed, or refuse (default fastest)")
+    serve.add_argument("--static", choices=["fastest", "most-accurate"], default=None,
+                       help="always use one model (the baselines the adaptive policy is compared with)")
+    serve.add_argument("--max-pending", type=int, default=32, help="requests allowed to wait; more get 503")
+    serve.add_argument("--max-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads for inference (default 1)")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`leancnn serve`: the deadline-aware runtime behind HTTP (Starlette + uvicorn)."""

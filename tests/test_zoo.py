@@ -1,0 +1,202 @@
+"""The zoo's front and thinning, the selector's boundaries, and the server end
+to end on loopback with a tiny zoo."""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from leancnn.errors import LeancnnError
+from leancnn.zoo import Candidate, Selector, pareto_front, thin
+
+from .conftest import tiny_config
+
+
+def names(models: list[Candidate]) -> list[str]:
+    return [m.name for m in models]
+
+
+def test_front_drops_slower_and_less_accurate_models():
+    table = [Candidate("a", 1.0, 0.80), Candidate("b", 2.0, 0.85), Candidate("slow-bad", 3.0, 0.84),
+             Candidate("c", 4.0, 0.90), Candidate("equal-acc-slower", 5.0, 0.90), Candidate("d", 6.0, 0.91),
+             Candidate("same-time-worse", 4.0, 0.70)]
+    assert names(pareto_front(table)) == ["a", "b", "c", "d"]
+
+
+def test_front_of_equal_times_keeps_the_more_accurate():
+    assert names(pareto_front([Candidate("x", 1.0, 0.5), Candidate("y", 1.0, 0.6)])) == ["y"]
+
+
+def test_thinning_needs_an_epsilon_step():
+    front = [Candidate("a", 1.0, 0.800), Candidate("b", 2.0, 0.801), Candidate("c", 3.0, 0.803),
+             Candidate("d", 4.0, 0.804), Candidate("e", 5.0, 0.810)]
+    assert names(thin(front, 0.002)) == ["a", "c", "e"]
+    assert names(thin(front, 0.0)) == names(front)
+    assert names(thin(front, 0.5)) == ["a"]
+    with pytest.raises(ValueError):
+        thin(front, -0.1)
+
+
+def test_selector_at_every_boundary():
+    models = [Candidate("fast", 1.0, 0.8), Candidate("mid", 2.0, 0.85), Candidate("slow", 3.0, 0.9)]
+    selector = Selector(models)
+    cases = {0.0: (0, False), 0.999: (0, False), 1.0: (0, True), 1.5: (0, True), 1.999: (0, True), 2.0: (1, True),
+             2.5: (1, True), 3.0: (2, True), 1e9: (2, True), -5.0: (0, False)}
+    for time_left, (index, fits) in cases.items():
+        choice = selector.choose(time_left)
+        assert (choice.index, choice.fits) == (index, fits), time_left
+    refusing = Selector(models, policy="refuse")
+    assert refusing.choose(0.5).index is None and not refusing.choose(0.5).fits
+    assert refusing.choose(2.0).index == 1
+    with pytest.raises(ValueError):
+        Selector([Candidate("b", 2.0, 0.9), Candidate("a", 1.0, 0.8)])  # not sorted
+    with pytest.raises(ValueError):
+        Selector(models, policy="maybe")
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    """Two runs on 1x16x16 synthetic data (resnet20 at two widths) -> a zoo."""
+    from leancnn.experiment import train_run
+    from leancnn.zoo.build import build_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    runs = []
+    for width in (0.25, 0.5):
+        config = tiny_config(root, width=width, out=str(root / f"runs/w{width}"))
+        train_run(config, progress=False)
+        runs.append(str(root / f"runs/w{width}"))
+    manifest = build_zoo(runs, root / "zoo", epsilon=0.0, runs=10, log=lambda _: None)
+    return root / "zoo", manifest
+
+
+def test_zoo_manifest_and_models(tiny_zoo):
+    zoo, manifest = tiny_zoo
+    assert manifest["input_shape"] == [1, 16, 16]
+    assert 1 <= len(manifest["models"]) <= 2
+    times = [m["expected_ms"] for m in manifest["models"]]
+    accuracies = [m["accuracy"] for m in manifest["models"]]
+    assert times == sorted(times) and accuracies == sorted(accuracies)
+    for entry in manifest["models"]:
+        assert (zoo / entry["path"] / "model.safetensors").is_file()
+    assert len(manifest["models"]) + len(manifest["dropped"]) == 2
+
+
+def test_zoo_build_rejects_what_is_not_a_run(tmp_path):
+    from leancnn.zoo.build import build_zoo
+
+    with pytest.raises(LeancnnError, match="not a finished run"):
+        build_zoo([str(tmp_path)], tmp_path / "zoo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_zoo):
+    """The real server (uvicorn) on a loopback port, in a thread."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from leancnn.serve.app import create_app
+    from leancnn.zoo.runtime import Runtime
+
+    zoo, _ = tiny_zoo
+    app = create_app(Runtime(zoo, threads=1), max_pending=8, max_bytes=4096)
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if instance.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_server_end_to_end(server, tiny_zoo):
+    httpx = pytest.importorskip("httpx")
+    _, manifest = tiny_zoo
+    image = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    good = png(image)
+    with httpx.Client(base_url=server, timeout=30) as client:
+        ok = client.post("/predict", content=good, headers={"content-type": "image/png", "x-deadline-ms": "1000"})
+        assert ok.status_code == 200, ok.text
+        answer = ok.json()
+        assert 0 <= answer["class"] < 4 and abs(sum(answer["probabilities"]) - 1) < 1e-4
+        assert answer["model"] == manifest["models"][-1]["name"]  # a generous deadline: the most accurate
+        assert answer["deadline_met"] and answer["time_ms"] > 0
+
+        npy = io.BytesIO()
+        np.save(npy, image)
+        for body, kind in ((npy.getvalue(), "application/x-npy"), (image.tobytes(), "application/octet-stream")):
+            response = client.post("/predict?deadline_ms=1000", content=body, headers={"content-type": kind})
+            assert response.status_code == 200 and response.json()["class"] == answer["class"], kind
+        import base64
+
+        as_json = client.post("/predict", json={"image": base64.b64encode(good).decode(), "deadline_ms": 1000})
+        assert as_json.status_code == 200 and as_json.json()["class"] == answer["class"]
+
+        # A deadline nothing can meet: the fastest model answers, marked missed.
+        tight = client.post("/predict", content=good, headers={"content-type": "image/png", "x-deadline-ms": "0.001"})
+        assert tight.status_code == 200
+        assert tight.json()["model"] == manifest["models"][0]["name"] and not tight.json()["deadline_met"]
+
+        rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+        malformed = {
+            "not an image": (b"hello, not a png", "image/png", "100", 400),
+            "truncated": (good[: len(good) // 2], "image/png", "100", 400),
+            "wrong size": (png(np.zeros((20, 16), dtype=np.uint8)), "image/png", "100", 422),
+            "wrong channels": (png(rgb), "image/png", "100", 422),
+            "too large": (b"\x00" * 5000, "application/octet-stream", "100", 413),
+            "missing deadline": (good, "image/png", None, 400),
+            "negative deadline": (good, "image/png", "-5", 400),
+            "text deadline": (good, "image/png", "soon", 400),
+            "wrong content type": (good, "text/plain", "100", 415),
+            "raw wrong length": (b"\x00" * 100, "application/octet-stream", "100", 422),
+        }
+        for kind, (body, content_type, deadline, status) in malformed.items():
+            headers = {"content-type": content_type}
+            if deadline is not None:
+                headers["x-deadline-ms"] = deadline
+            response = client.post("/predict", content=body, headers=headers)
+            assert response.status_code == status, (kind, response.status_code, response.text)
+            reason = response.json()["error"]
+            assert reason and "\n" not in reason, kind
+        # Still serving after all that.
+        assert client.post("/predict", content=good,
+                           headers={"content-type": "image/png", "x-deadline-ms": "1000"}).status_code == 200
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["models"] == [m["name"] for m in manifest["models"]]
+        metrics = client.get("/metrics").json()
+        assert metrics["answered"] == 6 and sum(metrics["rejected"].values()) == len(malformed)
+        assert metrics["deadline_missed"] >= 1 and sum(metrics["per_model"].values()) == 6
+        assert metrics["latency_ms"]["p50"] is not None
+
+
+def test_refuse_policy_answers_without_a_model(tiny_zoo):
+    from leancnn.zoo.runtime import Runtime
+
+    zoo, _ = tiny_zoo
+    runtime = Runtime(zoo, policy="refuse", threads=1)
+    refused = runtime.predict(torch.rand(1, 16, 16), deadline_ms=1e-6)
+    assert refused.model is None and not refused.deadline_met
+    answered = runtime.predict(torch.rand(1, 16, 16), deadline_ms=1e4)
+    assert answered.model == runtime.names[-1] and answered.deadline_met
