@@ -1,0 +1,266 @@
+"""Load test of `leancnn serve` on loopback: Poisson arrivals at stated rates,
+deadlines drawn uniformly from a stated range, Fashion-MNIST test images with
+their labels. For each rate and policy (adaptive; always the most accurate
+model; always the fastest) it reports the deadline-hit rate, the delivered
+accuracy (correct answers / answered requests) and latency quantiles. Then,
+at the highest rate where the adaptive policy met >= 99% of deadlines, it
+mixes 1,000 malformed requests into the load and checks that every one gets
+a 4xx, no valid request is lost, and the server's memory stays steady.
+Also the selector's own cost per decision against the fastest model.
+
+The zoo is built (once) from finished runs: by default the pSConv, CaP and
+full-bench runs other benchmarks leave in benchmarks/out and bench/full.
+
+    .venv/bin/python benchmarks/serve_load.py --rates 100 200 300 400
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import machine_line, splice_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCES = ["benchmarks/out/psconv", "benchmarks/out/cap", "bench/full"]
+POLICIES = {"adaptive": [], "most-accurate": ["--static", "most-accurate"], "fastest": ["--static", "fastest"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_images(count: int, seed: int) -> list[tuple[bytes, int]]:
+    from PIL import Image
+
+    from leancnn.data import load_dataset
+
+    data = load_dataset("fashion-mnist")
+    order = np.random.default_rng(seed).permutation(len(data.test_labels))[:count]
+    encoded = []
+    for index in order:
+        buffer = io.BytesIO()
+        Image.fromarray(data.test_images[index, 0].numpy()).save(buffer, format="PNG")
+        encoded.append((buffer.getvalue(), int(data.test_labels[index])))
+    return encoded
+
+
+MALFORMED = [
+    (b"not an image at all", "image/png", "50"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png", "50"),           # truncated
+    (None, "image/png", None),                                              # a good image, no deadline
+    (None, "image/png", "-3"),                                              # negative deadline
+    (None, "text/plain", "50"),                                             # wrong content type
+    (b"\x00" * 100, "application/octet-stream", "50"),                     # wrong raw length
+    (b"\x00" * (2 << 20), "application/octet-stream", "50"),               # over the size limit
+]
+
+
+class Server:
+    def __init__(self, zoo: Path, policy: str, threads: int) -> None:
+        self.port = free_port()
+        command = [sys.executable, "-m", "leancnn.cli", "serve", str(zoo), "--port", str(self.port),
+                   "--threads", str(threads), *POLICIES[policy]]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        cwd=ROOT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait(self, client) -> None:
+        for _ in range(600):
+            try:
+                if client.get(self.url + "/health").status_code == 200:
+                    return
+            except Exception:
+                pass
+            if self.process.poll() is not None:
+                raise SystemExit(f"server exited: {self.process.stdout.read()}")
+            time.sleep(0.1)
+        raise SystemExit("server did not start")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[float, float], seed: int,
+                   malformed: int = 0) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    plan = [("valid", i % len(images)) for i in range(count)] + [("bad", i) for i in range(malformed)]
+    rng.shuffle(plan)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        async def one(kind: str, index: int) -> None:
+            if kind == "valid":
+                body, label = images[index]
+                deadline = rng.uniform(*deadlines)
+                headers = {"content-type": "image/png", "x-deadline-ms": f"{deadline:.3f}"}
+            else:
+                body, content_type, deadline_text = MALFORMED[index % len(MALFORMED)]
+                body = images[0][0] if body is None else body
+                headers = {"content-type": content_type}
+                if deadline_text is not None:
+                    headers["x-deadline-ms"] = deadline_text
+                label = None
+            started = time.perf_counter()
+            try:
+                response = await client.post("/predict", content=body, headers=headers)
+                status, answer = response.status_code, response.json()
+            except Exception as exc:  # a lost request
+                status, answer = 0, {"error": repr(exc)}
+            results.append({"kind": kind, "status": status, "label": label, "answer": answer,
+                            "client_ms": 1e3 * (time.perf_counter() - started)})
+
+        tasks = []
+        started = time.perf_counter()
+        next_time = started
+        for kind, index in plan:
+            next_time += rng.expovariate(rate)
+            delay = next_time - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(kind, index)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+        metrics = (await client.get("/metrics")).json()
+    valid = [r for r in results if r["kind"] == "valid"]
+    answered = [r for r in valid if r["status"] == 200 and not r["answer"].get("refused")]
+    met = [r for r in answered if r["answer"]["deadline_met"]]
+    correct = [r for r in answered if r["answer"]["class"] == r["label"]]
+    server_ms = sorted(r["answer"]["time_ms"] for r in answered) or [float("nan")]
+    bad = [r for r in results if r["kind"] == "bad"]
+    models = {}
+    for r in answered:
+        models[r["answer"]["model"]] = models.get(r["answer"]["model"], 0) + 1
+    return {"rate": rate, "offered_rate": len(plan) / elapsed, "valid": len(valid), "answered": len(answered),
+            "lost": len(valid) - len([r for r in valid if r["status"] == 200]),
+            "hit_rate": len(met) / max(1, len(valid)), "accuracy": len(correct) / max(1, len(answered)),
+            "on_time_and_correct": len([r for r in met if r["answer"]["class"] == r["label"]]) / max(1, len(valid)),
+            "p50_ms": server_ms[len(server_ms) // 2], "p99_ms": server_ms[min(len(server_ms) - 1, int(0.99 * len(server_ms)))],
+            "malformed": len(bad), "malformed_4xx": len([r for r in bad if 400 <= r["status"] < 500]),
+            "models": models, "rss_bytes": metrics["rss_bytes"]}
+
+
+def selector_cost(zoo: Path) -> tuple[float, float]:
+    """(median microseconds per decision, the fastest model's median batch-1 ms)."""
+    from leancnn.zoo.build import load_manifest
+    from leancnn.zoo.front import Candidate
+    from leancnn.zoo.selector import Selector
+
+    manifest = load_manifest(zoo)
+    selector = Selector([Candidate(m["name"], m["expected_ms"], m["accuracy"]) for m in manifest["models"]])
+    budgets = [random.uniform(0, 2 * manifest["models"][-1]["expected_ms"]) for _ in range(1000)]
+    samples = []
+    for _ in range(20):
+        started = time.perf_counter()
+        for budget in budgets:
+            selector.choose(budget)
+        samples.append((time.perf_counter() - started) / len(budgets) * 1e6)
+    return statistics.median(samples), manifest["models"][0]["latency_median_ms"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", default=str(ROOT / "benchmarks" / "out" / "serve_zoo"))
+    parser.add_argument("--from", dest="sources", nargs="+", default=DEFAULT_SOURCES)
+    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 300, 400])
+    parser.add_argument("--requests", type=int, default=1000, help="valid requests per rate and policy")
+    parser.add_argument("--deadline-ms", type=float, nargs=2, default=[2.0, 20.0], metavar=("LOW", "HIGH"),
+                        help="deadlines drawn uniformly from [LOW, HIGH] ms")
+    parser.add_argument("--threads", type=int, default=1, help="server inference threads")
+    parser.add_argument("--malformed", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    import httpx
+
+    zoo = Path(args.zoo)
+    if not (zoo / "manifest.json").is_file():
+        from leancnn.zoo.build import build_zoo
+
+        sources = [str(ROOT / s) for s in args.sources if (ROOT / s).exists()]
+        print(f"building the zoo from {', '.join(sources)} ...", flush=True)
+        build_zoo(sources, zoo, runs=50, threads=args.threads)
+    manifest = json.loads((zoo / "manifest.json").read_text())
+    images = test_images(2000, args.seed)
+    rows = []
+    for policy in POLICIES:
+        server = Server(zoo, policy, args.threads)
+        try:
+            with httpx.Client() as client:
+                server.wait(client)
+            for rate in args.rates:
+                row = asyncio.run(run_load(server.url, images, rate, args.requests, tuple(args.deadline_ms),
+                                           args.seed))
+                row["policy"] = policy
+                rows.append(row)
+                print(f"{policy:14s} rate {rate:5.0f}/s: hits {100 * row['hit_rate']:.1f}%, accuracy "
+                      f"{100 * row['accuracy']:.2f}%, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                      f"lost {row['lost']}", flush=True)
+        finally:
+            server.stop()
+    adaptive_ok = [r for r in rows if r["policy"] == "adaptive" and r["hit_rate"] >= 0.99]
+    best_rate = max((r["rate"] for r in adaptive_ok), default=min(args.rates))
+    server = Server(zoo, "adaptive", args.threads)
+    try:
+        with httpx.Client() as client:
+            server.wait(client)
+            rss_before = client.get(server.url + "/metrics").json()["rss_bytes"]
+        mixed = asyncio.run(run_load(server.url, images, best_rate, args.requests, tuple(args.deadline_ms),
+                                     args.seed + 1, malformed=args.malformed))
+        with httpx.Client() as client:
+            rss_after = client.get(server.url + "/metrics").json()["rss_bytes"]
+    finally:
+        server.stop()
+    decision_us, fastest_ms = selector_cost(zoo)
+    lines = ["| policy | rate (req/s) | deadline hits | delivered accuracy | on time and correct | p50 (ms) | p99 (ms) | "
+             "lost |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["rate"], list(POLICIES).index(r["policy"]))):
+        lines.append(f"| {r['policy']} | {r['rate']:.0f} | {100 * r['hit_rate']:.1f}% | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['on_time_and_correct']:.1f}% | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['lost']} |")
+    zoo_lines = ["| zoo model | accuracy | batch-1 median (ms) | p90 (ms) |", "| --- | ---: | ---: | ---: |"]
+    for m in manifest["models"]:
+        zoo_lines.append(f"| {m['name']} | {100 * m['accuracy']:.2f}% | {m['latency_median_ms']:.3f} | "
+                         f"{m['latency_p90_ms']:.3f} |")
+    summary = (f"{machine_line()}\n\nZoo: {len(manifest['models'])} of {len(manifest['models']) + len(manifest['dropped'])} "
+               f"runs on the thinned front (p90 latency, epsilon {manifest['epsilon']}); server with "
+               f"{args.threads} inference thread(s); clients on loopback (httpx, asyncio), Poisson arrivals, "
+               f"{args.requests} valid requests per point, deadlines uniform in [{args.deadline_ms[0]:g}, "
+               f"{args.deadline_ms[1]:g}] ms counted from the server's arrival, Fashion-MNIST test images as PNG.\n\n"
+               + "\n".join(zoo_lines) + "\n\n" + "\n".join(lines) +
+               f"\n\nHighest rate with the adaptive policy at >= 99% hits: **{best_rate:g}/s**. With "
+               f"{mixed['malformed']} malformed requests mixed in at that rate: {mixed['malformed_4xx']} answered "
+               f"4xx, {mixed['lost']} valid requests lost, {100 * mixed['hit_rate']:.1f}% deadline hits; server "
+               f"memory {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after.\n\nSelector: "
+               f"{decision_us:.2f} us per decision, {100 * decision_us / 1000 / fastest_ms:.3f}% of the fastest "
+               f"model's {fastest_ms:.3f} ms.")
+    print(summary)
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "serve_load.md").write_text(summary + "\n")
+    (results / "serve_load.json").write_text(json.dumps({"rows": rows, "mixed": mixed, "best_rate": best_rate,
+                                                         "selector_us": decision_us}, indent=2) + "\n")
+    splice_readme(summary, "serve-load")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
