@@ -86,6 +86,8 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     model = trainer.model
     for method in methods:
         model = method.finalize(model)
+    # A method may settle its options at the end (dnr's channel mode records the widths it left).
+    architecture["methods"] = [m.spec() for m in methods]
     model = model.to(memory_format=torch.contiguous_format)
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
     result = empty_result()

@@ -87,3 +87,52 @@ def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
 def test_bad_options_fail_before_training(spec, message):
     with pytest.raises(ConfigError, match=message):
         apply_methods(create_model("resnet20"), [spec])
+
+
+def test_channel_mode_removes_empty_channels_and_reloads(tmp_path):
+    """Channel mode keeps the target fraction of channels per group (within one channel),
+    regrows only empty channels, and leaves a thinner dense model that reloads."""
+    from leancnn.measure import count
+    from leancnn.methods.channels import channel_groups
+    from leancnn.runs import load_run
+
+    config = tiny_config(tmp_path, model="vgg11", width=0.25, epochs=3,
+                         methods=["dnr:density=0.5,attack=none,mode=channel"])
+    outcome = train_run(config, progress=False)
+    spec = outcome.result["methods"][0]
+    assert "widths=" in spec and "mode=channel" in spec
+    model = outcome.model
+    dense = create_model("vgg11", in_channels=1, width=0.25, num_classes=4)
+    for group in channel_groups(dense):
+        full = dense.get_submodule(group.producer)[0].out_channels
+        kept = model.get_submodule(group.producer)[0].out_channels
+        assert abs(kept - 0.5 * full) <= 1  # each layer keeps its share of channels
+        weight = model.get_submodule(group.producer)[0].weight
+        assert (weight.flatten(1).abs().sum(1) > 0).all()  # no dead (all-zero) channel is left
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(0 < d <= 1 for entry in log for d in entry["dnr_density"].values())
+    assert not any(name.endswith("dnr_channel_mask") for name, _ in model.named_buffers())
+    reloaded, _ = load_run(tmp_path / "run")
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), model.eval()(x), atol=1e-5)
+    assert count(reloaded, (1, 16, 16)).macs_dense < count(dense, (1, 16, 16)).macs_dense * 0.35
+
+
+def test_channel_mode_masked_channels_output_zero():
+    method = parse_method("dnr:density=0.25,attack=none,mode=channel")
+    model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4)).train()
+    outputs = {}
+    for name, block in method.channel_blocks(model):
+        block.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
+    model(torch.rand(8, 1, 16, 16))
+    for name, block in method.channel_blocks(model):
+        masked = ~block.dnr_channel_mask
+        assert masked.any() and (outputs[name][:, masked] == 0).all()
+
+
+def test_channel_mode_rejects_a_layout_it_cannot_cut():
+    with pytest.raises(ConfigError, match="channel surgery"):
+        parse_method("dnr:mode=channel").prepare(create_model("mobilenetv2", in_channels=1, width=0.25))
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        parse_method("dnr:mode=filters")

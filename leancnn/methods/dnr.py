@@ -16,6 +16,21 @@ capped at full density, at the zero positions with the largest |momentum|. The
 number of active weights never changes, so the density stays the target.
 Choices the paper leaves open (unconfirmed): beta = 0.5, regrown weights start
 at zero, the first convolution stays dense, layers start at the same density.
+
+mode=channel prunes whole output channels of the removable channel groups
+(leancnn.methods.channels: VGG-style chains, the inside of residual blocks):
+a channel is masked by zeroing its convolution filter and its batch-norm
+shift, so its output is exactly zero. After each epoch every layer prunes
+the smallest-norm fraction of its active channels and regrows as many empty
+ones. Two departures from the weight mode, both forced by channels: an empty
+channel's output is zero, and ReLU passes no gradient at zero, so it has no
+momentum to rank it: regrowth picks empty channels at random and initialises
+them like a fresh layer (zero weights would stay dead); and each layer keeps
+its channel count (moving channels between layers would move the MAC budget,
+which channel mode exists to cut: density d leaves about d^2 of the MACs of
+layers between two pruned ones). After training the empty channels are
+removed, leaving a thinner dense model; `widths` records its shape so the
+run reloads.
 """
 from __future__ import annotations
 
@@ -31,6 +46,8 @@ from ..measure.attacks import ATTACKS, Attack, AttackOptions
 from .base import Method, register_method
 
 MASK = "dnr_mask"
+CHANNEL_MASK = "dnr_channel_mask"
+MODES = ("irregular", "channel")
 
 
 @dataclass
@@ -42,6 +59,8 @@ class DNROptions:
     steps: int = 7                 # PGD iterations during training
     prune_fraction: float = 0.5    # p at the first epoch, cosine-decayed towards 0
     seed: int = 0                  # initial random mask
+    mode: str = "irregular"        # irregular (weights) or channel (whole output channels, then removed)
+    widths: str = ""               # set after channel-mode training: the thinner model's shape
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -98,10 +117,14 @@ class DNR(Method):
             raise ConfigError(f"method 'dnr': eps must be >= 0, got {o.eps}")
         if not 0 <= o.prune_fraction < 1:
             raise ConfigError(f"method 'dnr': prune_fraction must be in [0, 1), got {o.prune_fraction}")
+        if o.mode not in MODES:
+            raise ConfigError(f"method 'dnr': mode must be one of {', '.join(MODES)}, got {o.mode!r}")
         self.attack: Attack | None = None
 
     # -- architecture: a mask buffer per prunable layer (saved with the weights) ----
     def prepare(self, model: nn.Module) -> nn.Module:
+        if self.options.mode == "channel":
+            return self.prepare_channels(model)
         generator = torch.Generator().manual_seed(self.options.seed)
         for _, module in prunable(model):
             weight = module.weight
@@ -141,12 +164,21 @@ class DNR(Method):
     def after_step(self, trainer) -> None:
         for _, module in self.layers(trainer.model):
             module.weight.mul_(getattr(module, MASK))
+        for _, block in self.channel_blocks(trainer.model):
+            apply_channel_mask(block)
 
     def prune_fraction_at(self, epoch: int, epochs: int) -> float:
         return self.options.prune_fraction * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
 
     @torch.no_grad()
     def after_epoch(self, trainer, epoch: int) -> dict[str, Any]:
+        if self.options.mode == "channel":
+            blocks = self.channel_blocks(trainer.model)
+            if epoch + 1 < trainer.config.epochs:
+                self.rewire_channels(blocks, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs),
+                                     epoch)
+            return {"dnr_density": {name: round(float(getattr(b, CHANNEL_MASK).float().mean()), 6)
+                                    for name, b in blocks}}
         layers = self.layers(trainer.model)
         if epoch + 1 < trainer.config.epochs:  # the last epoch ends with the trained mask, no rewiring
             self.rewire(layers, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs))
@@ -184,3 +216,80 @@ class DNR(Method):
             grow = scores.topk(count).indices
             mask.view(-1)[grow] = True
             module.weight.view(-1)[grow] = 0.0  # regrown weights start at zero; their momentum moves them
+
+    # -- channel mode ---------------------------------------------------------
+    def prepare_channels(self, model: nn.Module) -> nn.Module:
+        from .channels import channel_groups, shrink_to_widths
+        from .l1prune import parse_widths
+
+        groups = channel_groups(model)  # a layout surgery does not know fails here, before training
+        if self.options.widths:  # a finished channel-mode run: the thinner dense model
+            return shrink_to_widths(model, parse_widths(self.options.widths))
+        generator = torch.Generator().manual_seed(self.options.seed)
+        for group in groups:
+            block = model.get_submodule(group.producer)
+            channels = block[0].out_channels
+            keep = max(1, round(self.options.density * channels))
+            mask = torch.zeros(channels, dtype=torch.bool)
+            mask[torch.randperm(channels, generator=generator)[:keep]] = True
+            block.register_buffer(CHANNEL_MASK, mask.to(block[0].weight.device))
+            apply_channel_mask(block)
+        return model
+
+    def channel_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, CHANNEL_MASK, None), torch.Tensor)]
+
+    @torch.no_grad()
+    def rewire_channels(self, blocks: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer,
+                        fraction: float, epoch: int = 0) -> None:
+        """Per layer: prune the `fraction` of active channels with the smallest filter
+        norms and regrow as many empty channels, re-initialised. Each layer keeps its
+        channel count, so the MAC budget holds."""
+        generator = torch.Generator().manual_seed(self.options.seed * 7919 + epoch)
+        for _, block in blocks:
+            conv, norm, mask = block[0], block[1], getattr(block, CHANNEL_MASK)
+            active = int(mask.sum())
+            count = min(int(fraction * active), int((~mask).sum()))
+            if count <= 0:
+                continue
+            empty = torch.nonzero(~mask).flatten()
+            grow = empty[torch.randperm(len(empty), generator=generator)[:count].to(empty.device)]
+            norms = conv.weight.flatten(1).norm(dim=1).masked_fill(~mask, float("inf"))
+            mask[norms.topk(count, largest=False).indices] = False
+            mask[grow] = True
+            fresh = torch.empty_like(conv.weight[grow])
+            nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu", generator=generator)
+            conv.weight[grow] = fresh
+            norm.weight[grow], norm.bias[grow] = 1.0, 0.0
+            norm.running_mean[grow], norm.running_var[grow] = 0.0, 1.0
+            state = optimizer.state.get(conv.weight, {})
+            if state.get("momentum_buffer") is not None:
+                state["momentum_buffer"][grow] = 0.0
+            apply_channel_mask(block)
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Channel mode: remove the empty channels; the spec records the widths."""
+        if self.options.mode != "channel" or self.options.widths:
+            return model
+        from .channels import channel_groups, keep_channels
+
+        widths = []
+        for group in channel_groups(model):
+            block = model.get_submodule(group.producer)
+            mask = getattr(block, CHANNEL_MASK)
+            keep_channels(model, group, torch.nonzero(mask).flatten())
+            del block._buffers[CHANNEL_MASK]
+            widths.append(f"{group.producer}:{int(mask.sum())}")
+        self.options.widths = "+".join(widths)
+        return model
+
+
+@torch.no_grad()
+def apply_channel_mask(block: nn.Module) -> None:
+    """Zero the masked channels' filters and batch-norm shifts: their outputs are then exactly zero."""
+    mask = getattr(block, CHANNEL_MASK)
+    block[0].weight[~mask] = 0.0
+    if block[0].bias is not None:
+        block[0].bias[~mask] = 0.0
+    block[1].bias[~mask] = 0.0
