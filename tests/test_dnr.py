@@ -136,3 +136,22 @@ def test_channel_mode_rejects_a_layout_it_cannot_cut():
         parse_method("dnr:mode=channel").prepare(create_model("mobilenetv2", in_channels=1, width=0.25))
     with pytest.raises(ConfigError, match="mode must be one of"):
         parse_method("dnr:mode=filters")
+
+
+def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_path):
+    from leancnn.compress import compress_run
+    from leancnn.runs import load_run
+
+    base = train_run(tiny_config(tmp_path, epochs=1), progress=False)
+    out = tmp_path / "pruned"
+    result = compress_run(base.run_dir, ["magprune:density=0.1,steps=2"], epochs=1, out=out, progress=False,
+                          latency=False)
+    model, _ = load_run(out)
+    original = base.model
+    for name, module in prunable(model):
+        mask = getattr(module, MASK)
+        assert abs(mask.float().mean().item() - 0.1) <= 1 / mask.numel() + 1e-6
+        assert (module.weight[~mask] == 0).all()  # pruned weights stay exactly zero after fine-tuning
+        before = original.get_submodule(name).weight.abs().flatten()
+        assert before[mask.flatten()].min() >= before[~mask.flatten()].max()  # the largest were kept
+    assert result["compress"]["test_acc_before_finetune"] is not None
