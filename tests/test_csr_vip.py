@@ -196,3 +196,18 @@ def test_channel_surgery_is_exact_for_dead_channels():
             assert torch.allclose(model(x), before, atol=1e-6)
     with pytest.raises(ConfigError, match="does not know"):
         channel_groups(create_model("mobilenetv2"))
+
+
+def test_fast_upsample_matches_the_written_out_rule():
+    """The bilinear/replicate fast path against the rule applied axis by axis, on fresh random values."""
+    from leancnn.layers.vip import upsample_axis
+
+    torch.manual_seed(0)
+    for height, width in [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3), (4, 7), (7, 4), (28, 28), (14, 15), (5, 2)]:
+        values = torch.randn(2, 3, (height + 1) // 2, (width + 1) // 2)
+        reference = upsample_axis(upsample_axis(values, height, 2), width, 3)
+        fast = virtual_upsample(values, height, width)
+        assert fast.shape == reference.shape == (2, 3, height, width)
+        assert torch.allclose(fast, reference, atol=1e-6), (height, width)
+        cl = virtual_upsample(values.contiguous(memory_format=torch.channels_last), height, width)
+        assert torch.allclose(cl, reference, atol=1e-6)

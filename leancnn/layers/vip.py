@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def upsample_axis(values: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Interleave computed values (even positions) with neighbour means (odd positions)."""
+    """The rule on one axis, written out (the reference the fast path is tested against):
+    computed values on even positions, neighbour means on odd ones, the nearest value
+    where a second neighbour is missing."""
     computed = (size + 1) // 2
     odd = size // 2
     if values.shape[dim] < computed:
@@ -35,8 +38,23 @@ def upsample_axis(values: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 def virtual_upsample(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[N, C, h, w] computed at stride 2 -> [N, C, height, width]."""
-    return upsample_axis(upsample_axis(values, height, 2), width, 3)
+    """[N, C, h, w] computed at stride 2 -> [N, C, height, width].
+
+    The rule is bilinear interpolation with aligned corners onto the odd-sized
+    grid (2h - 1) x (2w - 1): even positions keep their values, odd ones get
+    the mean of two neighbours, odd-odd the mean of four. An even size adds a
+    last row or column with no second neighbour, which copies the nearest
+    (replicate padding). One optimised kernel instead of a dozen copies."""
+    h, w = (height + 1) // 2, (width + 1) // 2
+    if values.shape[-2] < h or values.shape[-1] < w:
+        raise ValueError(f"ViP: {tuple(values.shape[-2:])} computed values cannot fill {height}x{width}")
+    values = values[..., :h, :w]
+    grid = F.interpolate(values, size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=True) \
+        if h > 1 or w > 1 else values
+    extra_rows, extra_cols = height - (2 * h - 1), width - (2 * w - 1)
+    if extra_rows or extra_cols:
+        grid = F.pad(grid, (0, extra_cols, 0, extra_rows), mode="replicate")
+    return grid
 
 
 class VirtualPool(nn.Module):
