@@ -115,8 +115,9 @@ def csr_param_check(run_dir: Path) -> tuple[int, int]:
     for module in model.modules():
         if isinstance(module, CSRConv2d):
             real += sum(p.numel() for p in module.parameters())
-            formula += CSRConv2d.expected_params(module.in_channels, module.out_channels, module.kernel_size[0],
-                                                 module.steps, module.bias is not None)
+            formula += CSRConv2d.expected_params(module.in_channels, module.out_channels,
+                                                 module.input_conv.kernel_size[0], module.steps,
+                                                 module.input_conv.bias is not None)
     return real, formula
 
 
