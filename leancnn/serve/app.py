@@ -125,8 +125,8 @@ def create_app(runtime: Runtime, *, max_pending: int = 32, max_bytes: int = 1 <<
         state["pending"] += 1
         try:
             loop = asyncio.get_running_loop()
-            prediction = await loop.run_in_executor(executor, runtime.predict, parsed.image, parsed.deadline_ms,
-                                                    arrival)
+            prediction = await loop.run_in_executor(executor, lambda: runtime.predict(
+                parsed.image, parsed.deadline_ms, arrival, waiting=state["pending"] - 1))
         finally:
             state["pending"] -= 1
         metrics.record(prediction)

@@ -67,10 +67,14 @@ class Runtime:
         choice = self.selector.choose(time_left_ms)
         return choice.index, choice.fits
 
-    def predict(self, image: torch.Tensor, deadline_ms: float, arrival: float | None = None) -> Prediction:
-        """image: [C, H, W] in [0, 1]; the deadline counts from `arrival` (time.perf_counter())."""
+    def predict(self, image: torch.Tensor, deadline_ms: float, arrival: float | None = None,
+                waiting: int = 0) -> Prediction:
+        """image: [C, H, W] in [0, 1]; the deadline counts from `arrival` (time.perf_counter()).
+        `waiting`: requests queued behind this one; each is left the fastest model's expected
+        time, so one request does not spend the slack of those behind it (under load the
+        choice falls towards the fastest model instead of letting the queue grow)."""
         arrival = time.perf_counter() if arrival is None else arrival
-        time_left = deadline_ms - 1e3 * (time.perf_counter() - arrival)
+        time_left = deadline_ms - 1e3 * (time.perf_counter() - arrival) - waiting * self.selector.times[0]
         index, fits = self.choose(time_left)
         if index is None:
             spent = 1e3 * (time.perf_counter() - arrival)
