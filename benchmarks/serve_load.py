@@ -246,8 +246,10 @@ def main() -> None:
                f"{args.requests} valid requests per point, deadlines uniform in [{args.deadline_ms[0]:g}, "
                f"{args.deadline_ms[1]:g}] ms counted from the server's arrival, Fashion-MNIST test images as PNG.\n\n"
                + "\n".join(zoo_lines) + "\n\n" + "\n".join(lines) +
-               f"\n\nHighest rate with the adaptive policy at >= 99% hits: **{best_rate:g}/s**. With "
-               f"{mixed['malformed']} malformed requests mixed in at that rate: {mixed['malformed_4xx']} answered "
+               + (f"\n\nHighest rate with the adaptive policy at >= 99% hits: **{best_rate:g}/s**. With "
+                  if adaptive_ok else f"\n\nNo rate gave the adaptive policy >= 99% hits; at the lowest, "
+                  f"{best_rate:g}/s, with ") +
+               f"{mixed['malformed']} malformed requests mixed in: {mixed['malformed_4xx']} answered "
                f"4xx, {mixed['lost']} valid requests lost, {100 * mixed['hit_rate']:.1f}% deadline hits; server "
                f"memory {rss_before / 2**20:.1f} MiB before, {rss_after / 2**20:.1f} MiB after.\n\nSelector: "
                f"{decision_us:.2f} us per decision, {100 * decision_us / 1000 / fastest_ms:.3f}% of the fastest "
