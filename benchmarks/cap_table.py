@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import best_latency_ms, machine_line, pin_threads, splice_readme
+from common import best_latency_ms, log, machine_line, pin_threads, publish
 
 from leancnn.compress import compress_run
 from leancnn.config import TrainConfig
@@ -32,10 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["resnet20", "vgg16"]
 TARGETS = [0.5, 0.25]
 METHODS = {"cap": "cap:macs={target}", "l1prune": "l1prune:macs={target}"}
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def train_base(args: argparse.Namespace, model: str) -> Path:
@@ -126,11 +122,7 @@ def main() -> None:
                f"compressed latency, MAC ratio = dense MACs / compressed MACs.")
     block = f"{summary}\n\n{markdown(rows)}"
     print(block)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "cap_table.md").write_text(block + "\n")
-    (results / "cap_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    splice_readme(block, "cap-table")
+    publish("cap_table", block, rows)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,19 @@ def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> 
 
     return min(measure_latency(model, input_shape, batch_size=batch, threads=threads, channels_last=cl,
                                runs=runs).median_ms for cl in (True, False))
+
+
+def log(text: str) -> None:
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def publish(name: str, block: str, data, marker: str | None = None) -> None:
+    """benchmarks/results/NAME.md (the block) and NAME.json (the data); splice the block
+    into the README between <!-- marker:start/end --> (marker defaults to NAME with '-')."""
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.md").write_text(block + "\n")
+    write_json(results / f"{name}.json", data)
+    splice_readme(block, marker or name.replace("_", "-"))

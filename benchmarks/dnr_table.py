@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from common import best_latency_ms, machine_line, pin_threads, splice_readme
+from common import best_latency_ms, log, machine_line, pin_threads, publish
 
 from leancnn.commands.evaluate import attack_run
 from leancnn.compress import compress_run
@@ -33,10 +32,6 @@ from leancnn.experiment import ensure_run
 from leancnn.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def train(args, name: str, spec: str) -> Path:
@@ -145,11 +140,7 @@ def main() -> None:
                f"(irregular sparsity runs as dense here; only the channel model is physically smaller).")
     block = f"{summary}\n\n" + "\n".join(lines) + "\n\n![DNR densities](docs/dnr_density.png)"
     print(block)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "dnr_table.md").write_text(block + "\n")
-    (results / "dnr_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    splice_readme(block, "dnr-table")
+    publish("dnr_table", block, rows)
 
 
 if __name__ == "__main__":

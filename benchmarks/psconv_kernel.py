@@ -17,14 +17,13 @@ Timing: threads pinned, warm-up, median of --runs (batch 64) or 5x that
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from common import machine_line, median, pin_threads, splice_readme
+from common import machine_line, median, pin_threads, publish
 
 import leancnn
 from leancnn.deploy import deploy, fold_batchnorm
@@ -156,12 +155,7 @@ def main() -> None:
               + f". Median of {args.runs} runs at batch 64, {5 * args.runs} at batch 1, after 0.3 s of warm-up.")
     block = f"{header}\n\n{markdown(layers, models, peaks)}"
     print(block)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "psconv_kernel.md").write_text(block + "\n")
-    (results / "psconv_kernel.json").write_text(json.dumps({"peaks": peaks, "layers": layers, "models": models},
-                                                           indent=2) + "\n")
-    splice_readme(block, "psconv-kernel")
+    publish("psconv_kernel", block, {"peaks": peaks, "layers": layers, "models": models})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, splice_readme
+from common import machine_line, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = ["benchmarks/out/psconv", "benchmarks/out/cap", "bench/full"]
@@ -255,12 +255,8 @@ def main() -> None:
                f"{decision_us:.2f} us per decision, {100 * decision_us / 1000 / fastest_ms:.3f}% of the fastest "
                f"model's {fastest_ms:.3f} ms.")
     print(summary)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "serve_load.md").write_text(summary + "\n")
-    (results / "serve_load.json").write_text(json.dumps({"rows": rows, "mixed": mixed, "best_rate": best_rate,
-                                                         "selector_us": decision_us}, indent=2) + "\n")
-    splice_readme(summary, "serve-load")
+    publish("serve_load", summary, {"rows": rows, "mixed": mixed, "best_rate": best_rate,
+                                    "selector_us": decision_us})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import best_latency_ms, machine_line, pin_threads, splice_readme
+from common import best_latency_ms, log, machine_line, pin_threads, publish
 
 from leancnn.compress import compress_run
 from leancnn.config import TrainConfig
@@ -38,15 +38,10 @@ from leancnn.layers.csrconv import CSRConv2d
 from leancnn.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 VIP_SPEC = "vip:layers=auto,max_drop=0.01,per_round=3,rounds=2"
 CSR_ROWS = [("resnet20", "dense"), ("resnet20", "csr:T=2"), ("resnet20", "csr:T=4"), ("resnet20", "PS4_P4"),
             ("resnet20", "PS1_P9"), ("mobilenetv2", "dense"), ("mobilenetv2", "csr:T=2,layers=1x1"),
             ("mobilenetv2", "csr:T=4,layers=1x1")]
-
-
-def log(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def latency_row(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -61,7 +56,7 @@ def run_name(model: str, spec: str, width: float) -> str:
     return f"{model}-w{width}-" + spec.replace(":", "-").replace(",", "-").replace("=", "")
 
 
-def vip_part(args: argparse.Namespace) -> str:
+def vip_part(args: argparse.Namespace) -> tuple[str, list[dict]]:
     cap_out = Path(args.cap_out)
     bases = {"dense": cap_out / "vgg16-w0.5-dense", "cap 0.5": cap_out / "vgg16-w0.5-cap-0.5"}
     if not (bases["dense"] / "result.json").is_file():
@@ -104,8 +99,7 @@ def vip_part(args: argparse.Namespace) -> str:
                f"round, then "
                f"{args.finetune} final fine-tuning epoch(s). Latency: whole model, {args.latency_threads} thread(s), "
                f"batch norm folded, median of {args.latency_runs} runs, the faster memory format.")
-    (RESULTS / "vip_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return f"{summary}\n\n" + "\n".join(lines)
+    return f"{summary}\n\n" + "\n".join(lines), rows
 
 
 def csr_param_check(run_dir: Path) -> tuple[int, int]:
@@ -121,7 +115,7 @@ def csr_param_check(run_dir: Path) -> tuple[int, int]:
     return real, formula
 
 
-def csr_part(args: argparse.Namespace) -> str:
+def csr_part(args: argparse.Namespace) -> tuple[str, list[dict]]:
     runs = []
     # The shared dense resnet20 last: cap_table.py may still be training it.
     for model, spec in sorted(CSR_ROWS, key=lambda row: row == ("resnet20", "dense")):
@@ -162,8 +156,7 @@ def csr_part(args: argparse.Namespace) -> str:
                f"accuracy on the full 10k test set. Latency: {args.latency_threads} thread(s), batch norm folded, "
                f"median of {args.latency_runs} runs, the faster memory format (pSConv runs as a masked dense "
                f"convolution here).")
-    (RESULTS / "csr_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return f"{summary}\n\n" + "\n".join(lines)
+    return f"{summary}\n\n" + "\n".join(lines), rows
 
 
 def main() -> None:
@@ -187,11 +180,9 @@ def main() -> None:
                         help="vip part: wait this long for cap_table.py's CaP model (it may still be running)")
     args = parser.parse_args()
     pin_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    block = vip_part(args) if args.part == "vip" else csr_part(args)
+    block, rows = vip_part(args) if args.part == "vip" else csr_part(args)
     print(block)
-    (RESULTS / f"{args.part}_table.md").write_text(block + "\n")
-    splice_readme(block, f"{args.part}-table")
+    publish(f"{args.part}_table", block, rows)
 
 
 if __name__ == "__main__":
