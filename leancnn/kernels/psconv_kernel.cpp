@@ -58,6 +58,8 @@ bool pitched_applies(int64_t stride, int64_t c_in, int64_t width) {
 }
 
 namespace generic {
+// Pixels per tile for blocks of 16 and 32 filters (the dispatcher sizes the work with them).
+constexpr int kTile16 = 4, kTile32 = 2;
 // Portable path: one "vector" is one float; the compiler may vectorise it.
 #define VEC float
 #define VW 1
@@ -71,16 +73,16 @@ namespace generic {
 #include "psconv_body.inc"  // and #undef of the macros at its end
 
 void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) return run_range<16, 4>(p, begin, end);
-  return run_range<32, 2>(p, begin, end);
+  if (fb == 16) return run_range<16, kTile16>(p, begin, end);
+  return run_range<32, kTile32>(p, begin, end);
 }
-constexpr int tile_pixels(int64_t fb) { return fb == 16 ? 4 : 2; }
 }  // namespace generic
 
 #ifdef LEANCNN_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+constexpr int kTile16 = 6, kTile32 = 3;  // 2 x 6 and 4 x 3 = 12 accumulators
 #define VEC __m256
 #define VW 8
 #define VZERO() _mm256_setzero_ps()
@@ -95,10 +97,10 @@ namespace avx2 {
 // 16 filters: 2 vectors x 6 pixels = 12 accumulators; 32 filters: 4 x 3.
 void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
   if (fb == 16) {
-    if (!(p.pitched && try_pitched<2, 6>(p, begin, end))) run_range<2, 6>(p, begin, end);
+    if (!(p.pitched && try_pitched<2, kTile16>(p, begin, end))) run_range<2, kTile16>(p, begin, end);
     return;
   }
-  if (!(p.pitched && try_pitched<4, 3>(p, begin, end))) run_range<4, 3>(p, begin, end);
+  if (!(p.pitched && try_pitched<4, kTile32>(p, begin, end))) run_range<4, kTile32>(p, begin, end);
 }
 
 double fma_loop(int64_t iterations) {
@@ -123,6 +125,7 @@ constexpr int peak_lanes = 8;
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
+constexpr int kTile16 = 12, kTile32 = 6;  // 1 x 12 and 2 x 6 = 12 accumulators
 #define VEC __m512
 #define VW 16
 #define VZERO() _mm512_setzero_ps()
@@ -137,10 +140,10 @@ namespace avx512 {
 // 16 filters: 1 vector x 12 pixels; 32 filters: 2 vectors x 6 pixels (12 accumulators either way).
 void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
   if (fb == 16) {
-    if (!(p.pitched && try_pitched<1, 12>(p, begin, end))) run_range<1, 12>(p, begin, end);
+    if (!(p.pitched && try_pitched<1, kTile16>(p, begin, end))) run_range<1, kTile16>(p, begin, end);
     return;
   }
-  if (!(p.pitched && try_pitched<2, 6>(p, begin, end))) run_range<2, 6>(p, begin, end);
+  if (!(p.pitched && try_pitched<2, kTile32>(p, begin, end))) run_range<2, kTile32>(p, begin, end);
 }
 
 // Twelve independent FMA chains: the core's FMA throughput, for the benchmark's peak figure.
@@ -187,9 +190,11 @@ const char* isa_name(Isa isa) {
 
 int tile_pixels(Isa isa, int64_t fb) {
   switch (isa) {
-    case Isa::avx512: return fb == 16 ? 12 : 6;
-    case Isa::avx2: return fb == 16 ? 6 : 3;
-    default: return generic::tile_pixels(fb);
+#ifdef LEANCNN_X86
+    case Isa::avx512: return fb == 16 ? avx512::kTile16 : avx512::kTile32;
+    case Isa::avx2: return fb == 16 ? avx2::kTile16 : avx2::kTile32;
+#endif
+    default: return fb == 16 ? generic::kTile16 : generic::kTile32;
   }
 }
 
