@@ -35,6 +35,7 @@ from common import machine_line, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = ["benchmarks/out/psconv", "benchmarks/out/cap", "bench/full"]
+ALL_CPUS = sorted(os.sched_getaffinity(0))
 POLICIES = {"adaptive": [], "most-accurate": ["--static", "most-accurate"], "fastest": ["--static", "fastest"]}
 
 
@@ -71,12 +72,13 @@ MALFORMED = [
 
 
 class Server:
-    def __init__(self, zoo: Path, policy: str, threads: int) -> None:
+    def __init__(self, zoo: Path, policy: str, threads: int, extra: list[str] = ()) -> None:
         self.port = free_port()
         command = [sys.executable, "-m", "leancnn.cli", "serve", str(zoo), "--port", str(self.port),
-                   "--threads", str(threads), *POLICIES[policy]]
+                   "--threads", str(threads), *POLICIES[policy], *extra]
+        # The server may use every CPU (it pins its own processes), whatever the load generator keeps to.
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        cwd=ROOT)
+                                        cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, ALL_CPUS))
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, client) -> None:

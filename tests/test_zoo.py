@@ -2,6 +2,7 @@
 to end on loopback with a tiny zoo."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -101,15 +102,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_zoo):
+@contextlib.contextmanager
+def serving(app):
     """The real server (uvicorn) on a loopback port, in a thread."""
     uvicorn = pytest.importorskip("uvicorn")
-    from leancnn.serve.app import create_app
-    from leancnn.zoo.runtime import Runtime
-
-    zoo, _ = tiny_zoo
-    app = create_app(Runtime(zoo, threads=1), max_pending=8, max_bytes=4096)
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -118,9 +114,21 @@ def server(tiny_zoo):
         if instance.started:
             break
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_zoo):
+    pytest.importorskip("uvicorn")
+    from leancnn.serve.app import create_app
+
+    zoo, _ = tiny_zoo
+    with serving(create_app(zoo, threads=1, max_pending=8, max_bytes=4096)) as url:
+        yield url
 
 
 def png(array: np.ndarray) -> bytes:
@@ -200,3 +208,90 @@ def test_refuse_policy_answers_without_a_model(tiny_zoo):
     assert refused.model is None and not refused.deadline_met
     answered = runtime.predict(torch.rand(1, 16, 16), deadline_ms=1e4)
     assert answered.model == runtime.names[-1] and answered.deadline_met
+
+
+def test_selector_stays_exact_when_measured_times_stop_rising():
+    models = [Candidate("fast", 1.0, 0.8), Candidate("mid", 2.0, 0.85), Candidate("slow", 3.0, 0.9)]
+    selector = Selector(models)
+    selector.update(1, 5.0)   # "mid" measured slower than the more accurate "slow"
+    brute = lambda budget: max((i for i, t in enumerate(selector.own_times) if t <= budget), default=None)  # noqa: E731
+    for budget in (0.5, 1.0, 2.0, 2.9, 3.0, 3.5, 5.0, 9.0):
+        choice = selector.choose(budget)
+        expected = brute(budget)
+        assert choice.index == (0 if expected is None else expected) and choice.fits == (expected is not None), budget
+    assert selector.choose(3.5).index == 2        # "slow" fits; "mid" no longer does
+    selector.update(2, 0.5)                        # now the most accurate is also the fastest
+    assert selector.choose(0.6).index == 2 and selector.times == [0.5, 0.5, 0.5]
+
+
+def test_runtime_plans_with_the_times_it_measures(tiny_zoo):
+    from leancnn.zoo.runtime import Runtime, quantile
+
+    zoo, manifest = tiny_zoo
+    runtime = Runtime(zoo, threads=1, min_samples=3, window=5)
+    last = len(runtime.names) - 1
+    seeded = list(runtime.samples[last])
+    assert len(seeded) == 3                                    # warm-up measured it here, taking turns
+    assert runtime.expected_ms()[last] == quantile(seeded, 0.9)
+    for _ in range(3):
+        runtime.observe(last, 1000.0)
+    assert runtime.expected_ms()[last] == 1000.0               # the model is now expected to take 1 s here
+    answer = runtime.predict(torch.rand(1, 16, 16), deadline_ms=500.0)
+    assert last == 0 or answer.model != runtime.names[last]    # so a 500 ms deadline no longer picks it
+    for _ in range(5):
+        runtime.observe(last, 0.001)
+    assert runtime.expected_ms()[last] == 0.001                # the window forgets the slow runs
+    fixed = Runtime(zoo, threads=1, calibrate=False, min_samples=1)
+    fixed.observe(0, 1000.0)
+    assert fixed.expected_ms() == [m["expected_ms"] for m in manifest["models"]]
+    with pytest.raises(ValueError, match="plan_quantile"):
+        Runtime(zoo, plan_quantile=1.5)
+
+
+def test_blocking_guard_on_a_hand_computed_load():
+    from leancnn.zoo.blocking import BlockingGuard
+
+    guard = BlockingGuard(risk=0.005, min_requests=20)
+    times = [1.0, 4.0, 9.0, 12.0, 20.0]
+    assert guard.cap_ms(times, 2.0) == float("inf")            # too few requests seen to judge
+    for i in range(21):
+        guard.record(i * 1e-3, 10.0)                           # one request per ms, every deadline 10 ms
+    assert guard.rate_per_ms() == pytest.approx(1.0)
+    # A 9 ms run: an arrival with r ms of it left needs r + 2 ms, under 10 at every midpoint -> nobody late.
+    assert guard.expected_late(9.0, 2.0, 1.0) == 0.0
+    # A 12 ms run: the midpoint r = 10.5 needs 12.5 ms > 10: a quarter of the 12 arrivals are late.
+    assert guard.expected_late(12.0, 2.0, 1.0) == pytest.approx(3.0)
+    assert guard.cap_ms(times, 2.0) == 9.0
+    sparse = BlockingGuard(risk=0.005, min_requests=20)
+    for i in range(21):
+        sparse.record(i * 1.0, 10.0)                           # one request per second
+    # 12 ms: 0.001/ms * 12 ms * 1/4 = 0.003 <= 0.005; 20 ms: 0.001 * 20 * 2/4 = 0.01 > 0.005.
+    assert sparse.cap_ms(times, 2.0) == 12.0
+    assert sparse.cap_ms([50.0, 60.0], 2.0) == 50.0            # never below the fastest
+    for i in range(400):                                       # the window forgets the old deadlines
+        sparse.record(21 + i, 100.0)
+    assert sparse.late_fraction(50.0) == 0.0 and len(sparse.sorted) == 200
+    with pytest.raises(ValueError):
+        BlockingGuard(risk=0.0)
+
+
+def test_server_says_so_when_its_worker_dies(tiny_zoo):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from leancnn.serve.app import create_app
+
+    zoo, _ = tiny_zoo
+    app = create_app(zoo, threads=1)
+    good = png(np.zeros((16, 16), dtype=np.uint8))
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        headers = {"content-type": "image/png", "x-deadline-ms": "1000"}
+        assert client.post("/predict", content=good, headers=headers).status_code == 200
+        app.state.worker.process.kill()
+        app.state.worker.process.join(10)
+        for _ in range(50):   # the event loop learns of it when the pipe closes
+            response = client.post("/predict", content=good, headers=headers)
+            if response.status_code == 500:
+                break
+            time.sleep(0.1)
+        assert response.status_code == 500 and "worker exited" in response.json()["error"]
+        assert client.get("/health").status_code == 500

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ..errors import LeancnnError
@@ -72,6 +73,21 @@ def run_zoo_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_cpus(text: str | None) -> list[int] | None:
+    """'1' or '2,3' -> CPU ids this process may use; one clear line otherwise."""
+    if not text:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    try:
+        cpus = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LeancnnError(f"--inference-cpus must be CPU ids separated by commas, got {text!r}") from None
+    unknown = [c for c in cpus if c not in allowed]
+    if unknown:
+        raise LeancnnError(f"--inference-cpus names CPU(s) {unknown} this process cannot use; allowed: {allowed}")
+    return cpus
+
+
 def run_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -79,11 +95,20 @@ def run_serve(args: argparse.Namespace) -> int:
         from ..serve.app import create_app
     except ImportError as exc:
         raise LeancnnError(f"serving needs the serve extra: pip install -e '.[serve]' ({exc.name} is missing)") from None
-    from ..zoo.runtime import Runtime
+    from ..zoo.build import load_manifest
 
-    runtime = Runtime(args.zoo, policy=args.when_nothing_fits, fixed=args.static, threads=args.threads)
-    app = create_app(runtime, max_pending=args.max_pending, max_bytes=args.max_bytes)
-    print(f"serving {len(runtime.names)} models from {args.zoo} on http://{args.host}:{args.port} "
-          f"(overhead {runtime.overhead_ms:.3f} ms added to each expected time)", flush=True)
+    load_manifest(Path(args.zoo))   # a bad zoo fails here, in one line, before the worker starts
+    if not 0 < args.quantile <= 1:
+        raise LeancnnError(f"--quantile must be in (0, 1], got {args.quantile}")
+    if not 0 <= args.blocking_risk < 1:
+        raise LeancnnError(f"--blocking-risk must be in [0, 1) (0 turns it off), got {args.blocking_risk}")
+    app = create_app(args.zoo, policy=args.when_nothing_fits, fixed=args.static, threads=args.threads,
+                     plan_quantile=args.quantile,
+                     blocking_risk=args.blocking_risk or None, inference_cpus=parse_cpus(args.inference_cpus),
+                     max_pending=args.max_pending, max_bytes=args.max_bytes)
+    worker = app.state.worker
+    print(f"serving {len(worker.names)} models from {args.zoo} on http://{args.host}:{args.port} "
+          f"(inference in process {worker.process.pid}; hand-back overhead {worker.overhead_ms():.3f} ms, "
+          f"measured as it serves)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

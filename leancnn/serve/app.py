@@ -1,30 +1,30 @@
 """The HTTP server: POST /predict, GET /health, GET /metrics.
 
-One inference worker (a single thread; torch's own threads inside it) serves
-requests in arrival order; at most `max_pending` wait, the rest get 503. The
-time left for a request is its deadline minus the time since it arrived,
-queueing included, taken when the worker picks it up.
+The event loop reads and decodes requests; one inference worker process
+(serve/worker.py) serves them in arrival order and chooses each one's model.
+At most `max_pending` requests are with the worker, the rest get 503. The time
+left for a request is its deadline minus the time since it arrived in the
+server, queueing included; its time and whether it met the deadline are taken
+when the answer is back in the server.
 """
 from __future__ import annotations
 
 import asyncio
-import io
+import gc
 import os
-import statistics
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..zoo.runtime import Prediction, Runtime
+from ..zoo.runtime import Prediction
 from .decode import RequestError, parse_request
+from .worker import InferenceWorker, WorkerGone
 
 LATENCY_WINDOW = 10_000  # the metrics' quantiles cover the most recent requests
 
@@ -75,29 +75,19 @@ class Metrics:
                 "rss_bytes": rss_bytes()}
 
 
-def measure_overhead(runtime: Runtime, executor: ThreadPoolExecutor, repeats: int = 50) -> float:
-    """Median ms of decoding a typical request and handing it to the worker and back."""
-    from PIL import Image
-
-    channels, height, width = runtime.input_shape
-    array = np.random.default_rng(0).integers(0, 255, (height, width, channels), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array[..., 0] if channels == 1 else array).save(buffer, format="PNG")
-    body = buffer.getvalue()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        parse_request(body, "image/png", "100", None, runtime.input_shape)
-        executor.submit(lambda: None).result()
-        times.append(1e3 * (time.perf_counter() - started))
-    return statistics.median(times)
-
-
-def create_app(runtime: Runtime, *, max_pending: int = 32, max_bytes: int = 1 << 20) -> Starlette:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leancnn-infer")
+def create_app(zoo: str, *, policy: str = "fastest", fixed: str | None = None, threads: int | None = None,
+               plan_quantile: float | None = None, blocking_risk: float | None = None,
+               inference_cpus: list[int] | None = None,
+               max_pending: int = 32, max_bytes: int = 1 << 20) -> Starlette:
+    """The app, with its inference worker already started and warm (a few seconds: it loads torch and the zoo).
+    `inference_cpus` pins the worker to those CPUs and this process (the event loop) to the others."""
+    worker = InferenceWorker(str(zoo), policy=policy, fixed=fixed, threads=threads, plan_quantile=plan_quantile,
+                             blocking_risk=blocking_risk, cpus=inference_cpus)
+    if inference_cpus:
+        rest = os.sched_getaffinity(0) - set(inference_cpus)
+        if rest:
+            os.sched_setaffinity(0, rest)
     metrics = Metrics()
-    state = {"pending": 0}
-    runtime.set_overhead(measure_overhead(runtime, executor))
 
     def reject(status: int, reason: str) -> JSONResponse:
         metrics.rejected[status] += 1
@@ -117,35 +107,51 @@ def create_app(runtime: Runtime, *, max_pending: int = 32, max_bytes: int = 1 <<
         try:
             parsed = parse_request(bytes(body), request.headers.get("content-type", ""),
                                    request.headers.get("x-deadline-ms"), request.query_params.get("deadline_ms"),
-                                   runtime.input_shape)
+                                   worker.input_shape)
         except RequestError as error:
             return reject(error.status, error.reason)
-        if state["pending"] >= max_pending:
+        if len(worker.pending) >= max_pending:
             return reject(503, f"busy: {max_pending} requests already waiting")
-        state["pending"] += 1
         try:
-            loop = asyncio.get_running_loop()
-            prediction = await loop.run_in_executor(executor, lambda: runtime.predict(
-                parsed.image, parsed.deadline_ms, arrival, waiting=state["pending"] - 1))
-        finally:
-            state["pending"] -= 1
+            answer = await worker.predict(parsed.image.numpy(), parsed.deadline_ms, arrival)
+        except WorkerGone as error:
+            return reject(500, f"inference failed: {error}")
+        spent = 1e3 * (time.perf_counter() - arrival)
+        refused = answer.model_index is None
+        prediction = Prediction(-1 if refused else answer.label, answer.probabilities,
+                                None if refused else worker.names[answer.model_index], round(spent, 4),
+                                parsed.deadline_ms, not refused and spent <= parsed.deadline_ms, answer.fits)
         metrics.record(prediction)
-        answer = asdict(prediction)
-        answer["class"] = answer.pop("label")
-        answer["refused"] = prediction.model is None
-        return JSONResponse(answer)
+        reply = asdict(prediction)
+        reply["class"] = reply.pop("label")
+        reply["refused"] = refused
+        return JSONResponse(reply)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "models": runtime.names, "overhead_ms": round(runtime.overhead_ms, 4),
-                             "policy": runtime.fixed or f"adaptive ({runtime.policy} when nothing fits)"})
+        return JSONResponse({"status": "ok" if not worker.gone else f"failing: {worker.gone}",
+                             "models": worker.names, "overhead_ms": round(worker.overhead_ms(), 4),
+                             "policy": fixed or f"adaptive ({policy} when nothing fits)"},
+                            status_code=200 if not worker.gone else 500)
 
     async def metrics_endpoint(request: Request) -> JSONResponse:
-        return JSONResponse(metrics.as_dict())
+        values = metrics.as_dict()
+        values["expected_ms"] = dict(zip(worker.names, (round(t, 4) for t in worker.expected_ms)))
+        values["overhead_ms"] = round(worker.overhead_ms(), 4)
+        return JSONResponse(values)
 
     @asynccontextmanager
     async def lifespan(app):
-        yield
-        executor.shutdown(wait=False, cancel_futures=True)
+        worker.attach(asyncio.get_running_loop())
+        # torch and the web stack leave ~10^5 long-lived objects; a full collection walking them
+        # stalled the event loop for tens of ms under load. Frozen, the collector skips them.
+        gc.collect()
+        gc.freeze()
+        try:
+            yield
+        finally:
+            worker.close()
 
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health),
-                             Route("/metrics", metrics_endpoint)], lifespan=lifespan)
+    app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health),
+                            Route("/metrics", metrics_endpoint)], lifespan=lifespan)
+    app.state.worker = worker
+    return app

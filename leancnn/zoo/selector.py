@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 from .front import Candidate
@@ -22,6 +23,13 @@ class Selector:
 
     When nothing fits: policy "fastest" answers with the fastest model and
     reports the deadline as expected to be missed; "refuse" answers with none.
+
+    `update` replaces one model's expected time (a runtime measuring its
+    models as it serves), after which the times need not rise with accuracy.
+    The search then runs on their suffix minimum, min(times[i:]), which never
+    falls: the last index whose suffix minimum fits is the most accurate model
+    that fits (its own time must fit, since the suffix after it does not), so
+    the choice stays exact and one bisection.
     """
 
     def __init__(self, models: list[Candidate], policy: Policy = "fastest") -> None:
@@ -33,10 +41,16 @@ class Selector:
         if policy not in ("fastest", "refuse"):
             raise ValueError(f"policy must be 'fastest' or 'refuse', got {policy!r}")
         self.models = list(models)
-        self.times = times
+        self.own_times = times
+        self.times = list(times)   # suffix minimum of own_times: what the bisection searches
         self.policy = policy
 
+    def update(self, index: int, time_ms: float) -> None:
+        self.own_times[index] = time_ms
+        self.times = list(accumulate(reversed(self.own_times), min))[::-1]
+
     def choose(self, time_left_ms: float) -> Choice:
+        # bisect_right: among equal suffix minima the last, i.e. the most accurate, is taken.
         index = bisect.bisect_right(self.times, time_left_ms) - 1
         if index >= 0:
             return Choice(index, True)
