@@ -83,6 +83,8 @@ def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
     ("dnr:density=1.5", "density must be in \\(0, 1\\]"),
     ("dnr:beta=2", "beta must be in \\[0, 1\\]"),
     ("dnr:attack=cw", "unknown attack 'cw'; choose one of: none, fgsm, pgd"),
+    ("dnr:mode=channel,multiple=0", "multiple must be a whole number >= 1"),
+    ("dnr:multiple=8", "multiple applies to mode=channel only"),
 ])
 def test_bad_options_fail_before_training(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -155,3 +157,23 @@ def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_p
         before = original.get_submodule(name).weight.abs().flatten()
         assert before[mask.flatten()].min() >= before[~mask.flatten()].max()  # the largest were kept
     assert result["compress"]["test_acc_before_finetune"] is not None
+
+
+def test_aligned_channel_counts():
+    from leancnn.methods.dnr import aligned_keep
+
+    # density x channels to the nearest multiple of 8, at least 8, at most all
+    assert [aligned_keep(c, 0.7, 8) for c in (16, 32, 64, 128)] == [8, 24, 48, 88]
+    assert aligned_keep(16, 0.95, 8) == 16 and aligned_keep(64, 0.01, 8) == 8
+    assert aligned_keep(6, 0.5, 8) == 3                       # narrower than the multiple: plain rounding
+    assert [aligned_keep(c, 0.7, 1) for c in (16, 64)] == [11, 45]
+    method = parse_method("dnr:density=0.7,attack=none,mode=channel,multiple=8")
+    model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4))
+    kept = [int(block.dnr_channel_mask.sum()) for _, block in method.channel_blocks(model)]
+    assert kept == [8, 24, 48, 48, 88, 88, 88, 88]
+
+
+def test_full_density_is_plain_dense_training():
+    method = parse_method("dnr:density=1,prune_fraction=0,attack=none")
+    model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4))
+    assert method.layers(model) == [] and not any("dnr" in name for name, _ in model.named_buffers())

@@ -30,7 +30,13 @@ its channel count (moving channels between layers would move the MAC budget,
 which channel mode exists to cut: density d leaves about d^2 of the MACs of
 layers between two pruned ones). After training the empty channels are
 removed, leaving a thinner dense model; `widths` records its shape so the
-run reloads.
+run reloads. `multiple=8` keeps each layer's channel count a multiple of 8
+(the nearest to density x channels, at least 8): CPU convolution kernels work
+in vectors of 8 or 16 floats, and odd widths (11, 45, 90 of 16, 64, 128) ran
+at half the FLOP rate of the dense model on this project's machine.
+
+density=1 in weight mode adds no masks: plain dense adversarial training with
+the same loss and attack (the baseline the DNR figures compare with).
 """
 from __future__ import annotations
 
@@ -61,6 +67,15 @@ class DNROptions:
     seed: int = 0                  # initial random mask
     mode: str = "irregular"        # irregular (weights) or channel (whole output channels, then removed)
     widths: str = ""               # set after channel-mode training: the thinner model's shape
+    multiple: int = 1              # channel mode: each layer keeps a multiple of this many channels
+
+
+def aligned_keep(channels: int, density: float, multiple: int) -> int:
+    """Channels a layer keeps: density x channels, rounded to the nearest multiple of `multiple`
+    (at least one multiple, at most all channels; a layer narrower than `multiple` just rounds)."""
+    if channels <= multiple:
+        return max(1, round(density * channels))
+    return min(channels, max(multiple, multiple * round(density * channels / multiple)))
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -119,12 +134,18 @@ class DNR(Method):
             raise ConfigError(f"method 'dnr': prune_fraction must be in [0, 1), got {o.prune_fraction}")
         if o.mode not in MODES:
             raise ConfigError(f"method 'dnr': mode must be one of {', '.join(MODES)}, got {o.mode!r}")
+        if o.multiple < 1:
+            raise ConfigError(f"method 'dnr': multiple must be a whole number >= 1, got {o.multiple}")
+        if o.multiple != 1 and o.mode != "channel":
+            raise ConfigError("method 'dnr': multiple applies to mode=channel only")
         self.attack: Attack | None = None
 
     # -- architecture: a mask buffer per prunable layer (saved with the weights) ----
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.options.mode == "channel":
             return self.prepare_channels(model)
+        if self.options.density == 1:
+            return model  # dense adversarial training: nothing to mask
         generator = torch.Generator().manual_seed(self.options.seed)
         for _, module in prunable(model):
             weight = module.weight
@@ -229,7 +250,7 @@ class DNR(Method):
         for group in groups:
             block = model.get_submodule(group.producer)
             channels = block[0].out_channels
-            keep = max(1, round(self.options.density * channels))
+            keep = aligned_keep(channels, self.options.density, self.options.multiple)
             mask = torch.zeros(channels, dtype=torch.bool)
             mask[torch.randperm(channels, generator=generator)[:keep]] = True
             block.register_buffer(CHANNEL_MASK, mask.to(block[0].weight.device))
