@@ -90,8 +90,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--latency-threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "dnr"))
+    parser.add_argument("--out", default=None, help="run directory (default benchmarks/out/dnr, or dnr-wWIDTH "
+                                                    "for a width other than 0.25)")
     args = parser.parse_args()
+    # Results and README table per width: dnr_table (0.25) or dnr_table_w0.5 (marker dnr-table-w0.5).
+    suffix = "" if args.width == 0.25 else f"-w{args.width:g}"
+    args.out = args.out or str(ROOT / "benchmarks" / "out" / f"dnr{suffix}")
     pin_threads(args.threads)
     attack = f"attack=pgd,eps={args.eps},steps={args.train_steps}"
     runs = {
@@ -141,7 +145,7 @@ def main() -> None:
                      f"{r['params_nonzero'] / 1e3:.1f} k | {r['macs_effective'] / 1e6:.2f} M | "
                      f"{r['storage_bytes'] / 2**10:.0f} KiB | {training} | {r['latency_b64']:.1f} | "
                      f"{dense['latency_b64'] / r['latency_b64']:.2f}x |")
-    plot = ROOT / "docs" / "dnr_density.png"
+    plot = ROOT / "docs" / f"dnr_density{suffix}.png"
     plot_densities(runs[f"DNR irregular (density {args.density})"], plot,
                    f"DNR {args.model} w{args.width}: per-layer density over the epochs")
     summary = (f"{machine_line()}\n\n{args.model} (width {args.width}) on a {args.train_subset}-image subset of "
@@ -154,9 +158,9 @@ def main() -> None:
                f"(irregular sparsity runs as dense here; only the channel model is physically smaller). Training "
                f"wall time at {args.threads} thread(s); the dense baseline is `dnr:density=1` (no masks: plain "
                f"adversarial training with the same loss and attack).")
-    block = f"{summary}\n\n" + "\n".join(lines) + "\n\n![DNR densities](docs/dnr_density.png)"
+    block = f"{summary}\n\n" + "\n".join(lines) + f"\n\n![DNR densities](docs/dnr_density{suffix}.png)"
     print(block)
-    publish("dnr_table", block, rows)
+    publish(f"dnr_table{suffix.replace('-', '_')}", block, rows, marker=f"dnr-table{suffix}")
 
 
 if __name__ == "__main__":

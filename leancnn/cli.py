@@ -325,9 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quantile", type=float, default=0.99,
                        help="quantile of each model's measured times the plan uses: about the share of deadlines "
                             "it aims to meet (default 0.99)")
-    serve.add_argument("--blocking-risk", type=float, default=0.005,
+    serve.add_argument("--blocking-risk", type=float, default=0.02,
                        help="longest model run allowed: the one expected to make at most this many later requests "
-                            "late, from the recent arrival rate and deadlines (default 0.005; 0 turns it off)")
+                            "late, from the recent arrival rate and deadlines (default 0.02; 0 turns it off)")
     serve.add_argument("--inference-cpus", default=None, metavar="LIST",
                        help="CPU ids for the inference process, e.g. '1' or '2,3'; the event loop keeps to the "
                             "others (default: no pinning)")

@@ -34,7 +34,7 @@ import numpy as np
 PREDICT, PING, QUIT = b"P", b"N", b"Q"
 STARTED, RESULT, PONG, FAILED = b"S", b"R", b"O", b"E"
 REQUEST_HEADER = struct.Struct("<Qddd")      # id, arrival (perf_counter s), deadline (ms), return overhead (ms)
-RESULT_HEADER = struct.Struct("<Qiidi?")     # id, model index (-1: refused), label, ready (perf_counter s), waiting, fits
+RESULT_HEADER = struct.Struct("<Qiidi?")     # id, model index (-1: refused), label, ready (perf_counter s), classes, fits
 RETURN_WINDOW = 200                          # recent answer hand-backs the overhead quantile covers
 RETURN_QUANTILE = 0.9
 

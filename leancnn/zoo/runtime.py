@@ -78,6 +78,7 @@ class Runtime:
         self.selector = Selector([Candidate(e["name"], e["expected_ms"], e["accuracy"]) for e in self.entries],
                                  policy)
         self.guard = None if blocking_risk is None else BlockingGuard(blocking_risk)
+        self.median_ms = [e.get("latency_median_ms", e["expected_ms"]) for e in self.entries]
         self.warm_up()
 
     def set_overhead(self, overhead_ms: float) -> None:
@@ -110,7 +111,9 @@ class Runtime:
         samples = self.samples[index]
         samples.append(elapsed_ms)
         if self.calibrate and len(samples) >= self.min_samples:
-            self.selector.update(index, quantile(samples, self.fraction))
+            ordered = sorted(samples)
+            self.selector.update(index, ordered[min(len(ordered) - 1, int(self.fraction * len(ordered)))])
+            self.median_ms[index] = ordered[len(ordered) // 2]
 
     def choose(self, time_left_ms: float) -> tuple[int | None, bool]:
         if self.fixed == "fastest":
@@ -118,9 +121,10 @@ class Runtime:
         if self.fixed == "most-accurate":
             last = len(self.models) - 1
             return last, self.selector.own_times[last] <= time_left_ms
-        times = self.selector.times
+        # A request arriving during the run still needs the fastest model: its typical (median) time
+        # here; the plan quantile would count the same tail twice (a long run and a slow fastest run).
         budget = time_left_ms if self.guard is None else \
-            min(time_left_ms, self.guard.cap_ms(times, times[0] + self.overhead_ms))
+            min(time_left_ms, self.guard.cap_ms(self.selector.times, self.median_ms[0] + self.overhead_ms))
         choice = self.selector.choose(budget)
         if choice.index is None:
             return None, False
