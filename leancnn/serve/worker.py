@@ -146,8 +146,9 @@ class InferenceWorker:
             self.return_ms.append(1e3 * (time.perf_counter() - ready))
 
     def overhead_ms(self) -> float:
-        ordered = sorted(self.return_ms)
-        return ordered[min(len(ordered) - 1, int(RETURN_QUANTILE * len(ordered)))] if ordered else 0.0
+        from ..zoo.runtime import quantile
+
+        return quantile(self.return_ms, RETURN_QUANTILE) if self.return_ms else 0.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

@@ -29,9 +29,12 @@ class Prediction:
     expected_to_fit: bool      # the selector's view when it chose
 
 
-def quantile(values, fraction: float) -> float:
-    ordered = sorted(values)
+def quantile_of_sorted(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def quantile(values, fraction: float) -> float:
+    return quantile_of_sorted(sorted(values), fraction)
 
 
 class Runtime:
@@ -112,8 +115,8 @@ class Runtime:
         samples.append(elapsed_ms)
         if self.calibrate and len(samples) >= self.min_samples:
             ordered = sorted(samples)
-            self.selector.update(index, ordered[min(len(ordered) - 1, int(self.fraction * len(ordered)))])
-            self.median_ms[index] = ordered[len(ordered) // 2]
+            self.selector.update(index, quantile_of_sorted(ordered, self.fraction))
+            self.median_ms[index] = quantile_of_sorted(ordered, 0.5)
 
     def choose(self, time_left_ms: float) -> tuple[int | None, bool]:
         if self.fixed == "fastest":
