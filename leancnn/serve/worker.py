@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..zoo.runtime import quantile
+
 # Tags of the messages (first byte).
 PREDICT, PING, QUIT = b"P", b"N", b"Q"
 STARTED, RESULT, PONG, FAILED = b"S", b"R", b"O", b"E"
@@ -146,8 +148,6 @@ class InferenceWorker:
             self.return_ms.append(1e3 * (time.perf_counter() - ready))
 
     def overhead_ms(self) -> float:
-        from ..zoo.runtime import quantile
-
         return quantile(self.return_ms, RETURN_QUANTILE) if self.return_ms else 0.0
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
