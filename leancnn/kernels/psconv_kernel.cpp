@@ -51,7 +51,7 @@ struct Problem {
   bool pitched;  // stride 1, C_in in {16, ..., 512}, maps >= 16 wide: run_pitched
 };
 
-constexpr int kMaxTile = 12;  // the most pixels any tile has
+constexpr int kMaxTile = 24;  // the most pixels any tile has
 
 bool pitched_applies(int64_t stride, int64_t c_in, int64_t width) {
   return stride == 1 && width >= 16 && (c_in == 16 || c_in == 32 || c_in == 64 || c_in == 128 || c_in == 256 || c_in == 512);
@@ -125,7 +125,7 @@ constexpr int peak_lanes = 8;
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
-constexpr int kTile16 = 12, kTile32 = 6;  // 1 x 12 and 2 x 6 = 12 accumulators
+constexpr int kTile16 = 24, kTile32 = 12;  // 1 x 24 and 2 x 12 = 24 accumulators
 #define VEC __m512
 #define VW 16
 #define VZERO() _mm512_setzero_ps()
