@@ -59,6 +59,43 @@ def random_layer(c_in, c_out, stride, support, bias=True, seed=0) -> PSConv2d:
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_kernel_adds_a_residual_before_the_relu(isa, monkeypatch):
+    if isa not in isas():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("LEANCNN_PSCONV_ISA", isa)
+    for index, (c_in, c_out, h, w, stride, batch) in enumerate(SHAPES):
+        conv = random_layer(c_in, c_out, stride, "PS4_P4" if index % 2 else "PSD1_P16", seed=index)
+        x = torch.randn(batch, c_in, h, w)
+        out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        residual = torch.randn(batch, c_out, out_h, out_w)   # contiguous: the kernel converts it
+        for relu in (False, True):
+            with torch.no_grad():
+                want = F.conv2d(x, conv.weight * conv.mask, conv.bias, stride, 1) + residual
+                want = F.relu(want) if relu else want
+                got = PSConvInference(conv, relu=relu)(x, residual=residual)
+            error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            assert error < 1e-5, f"{isa} {(c_in, c_out, h, w, stride, batch)} relu={relu}: {error:.2e}"
+    with pytest.raises(RuntimeError, match="residual"):
+        PSConvInference(random_layer(16, 16, 1, "PS4_P4"))(torch.randn(1, 16, 4, 4), residual=torch.randn(1, 8, 4, 4))
+
+
+def test_deploy_fuses_residual_blocks_whose_second_conv_runs_on_the_kernel():
+    from leancnn.deploy import KernelResidualBlock
+
+    torch.manual_seed(0)
+    model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS4_P4").eval()
+    deployed = deploy(model)
+    fused = [m for m in deployed.modules() if isinstance(m, KernelResidualBlock)]
+    assert len(fused) == 9 and all(block.conv2.relu for block in fused)   # every block of resnet20
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), rtol=1e-4, atol=1e-4)
+    dense = deploy(leancnn.create_model("resnet20", in_channels=1, width=0.25))
+    assert not any(isinstance(m, KernelResidualBlock) for m in dense.modules())   # nothing to fuse
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_kernel_matches_masked_dense_convolution(isa, monkeypatch):
     if isa not in isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -165,7 +202,8 @@ def test_deployed_model_predicts_like_the_trained_one(tmp_path, fashion_mnist):
     model, _ = load_run(tmp_path / "run")
     deployed = deploy(model)
     swapped = [m for m in deployed.modules() if isinstance(m, PSConvInference)]
-    assert len(swapped) == 18 and sum(m.relu for m in swapped) == 9  # conv1 of every block fuses its ReLU
+    # conv1 of every block fuses its ReLU; conv2 the residual add and the ReLU after it
+    assert len(swapped) == 18 and sum(m.relu for m in swapped) == 18
     images = fashion_mnist.test_images.float() / 255.0
     with torch.no_grad():
         trained = torch.cat([model(batch).argmax(1) for batch in images.split(1000)])

@@ -104,18 +104,23 @@ class PSConvInference(nn.Module):
         for name, tensor in pack(weight, mask, self.bias, self.block).items():
             self.register_buffer(f"packed_{name}", tensor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x) + bias [+ residual], then the ReLU if fused: a residual block's add and
+        ReLU ride along in the kernel's last pass over the output."""
         extension = psconv_extension()
         # Tracing (ONNX export, torch.jit) must see ordinary ops: the kernel is opaque to it.
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         if extension is None or tracing or x.device.type != "cpu" or x.dtype != torch.float32 \
-                or (torch.is_grad_enabled() and x.requires_grad):
+                or (torch.is_grad_enabled() and x.requires_grad) \
+                or (residual is not None and (residual.dtype != torch.float32 or residual.requires_grad)):
             out = F.conv2d(x, self.weight.to(x), None if self.bias is None else self.bias.to(x),
                            self.stride, 1)
+            if residual is not None:
+                out = out + residual
             return F.relu(out) if self.relu else out
         return extension.forward(x, self.packed_weights, self.packed_channels, self.packed_taps,
                                  self.packed_block_begin, self.packed_bias, self.packed_position, self.stride,
-                                 self.relu)
+                                 self.relu, residual)
 
     def leancnn_cost(self, inputs: tuple, output: torch.Tensor) -> LayerCost:
         uses = output.shape[-2] * output.shape[-1]

@@ -46,9 +46,11 @@ struct Problem {
   const float* packed_bias; // [blocks, FB], block order (zeros without bias)
   const int32_t* position;  // [C_out]: where filter f sits in block order
   float* output;            // [N, OH, OW, C_out]
+  const float* residual;    // [N, OH, OW, C_out] added before the ReLU, or nullptr
   int64_t in_h, in_w, in_channels, out_h, out_w, out_channels, pixels, blocks;  // in_h, in_w: padded
   int stride;
   bool relu;
+  bool relu_in_tile;        // relu and no residual: applied with the bias, in registers
   bool pitched;  // stride 1, C_in in {16, ..., 512}, maps >= 16 wide: run_pitched
 };
 
@@ -230,7 +232,7 @@ torch::Tensor pad_channels_last(const torch::Tensor& x, int64_t extra_rows) {
 
 torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
                       torch::Tensor block_begin, torch::Tensor packed_bias, torch::Tensor position, int64_t stride,
-                      bool relu) {
+                      bool relu, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
@@ -260,10 +262,18 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
   std::vector<int32_t> offsets(static_cast<size_t>(channels.numel()));
   for (size_t e = 0; e < offsets.size(); ++e)
     offsets[e] = static_cast<int32_t>(((tap[e] / 3) * (w + 2) + tap[e] % 3) * c_in + channel[e]);
+  torch::Tensor added;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == output.sizes() && residual->scalar_type() == torch::kFloat &&
+                    residual->device().is_cpu(),
+                "pSConv kernel: the residual must be a float32 CPU tensor shaped like the output");
+    added = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
   Problem p{padded.data_ptr<float>(), weights.data_ptr<float>(), offsets.data(), block_begin.data_ptr<int32_t>(),
             packed_bias.data_ptr<float>(), position.data_ptr<int32_t>(), output.data_ptr<float>(),
+            added.defined() ? added.data_ptr<float>() : nullptr,
             h + 2 + extra_rows, w + 2, c_in, out_h, out_w, out_channels, n * out_h * out_w, blocks,
-            static_cast<int>(stride), relu, pitched && isa != Isa::generic};
+            static_cast<int>(stride), relu, relu && !added.defined(), pitched && isa != Isa::generic};
   if (p.pixels == 0) return output;
   if (p.blocks == 0) return output;  // no filters
   const int64_t tp = tile_pixels(isa, fb);
@@ -313,7 +323,7 @@ double peak_gflops(int64_t threads, double seconds) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "pSConv 3x3 inference (channels_last, padding 1)");
+  m.def("forward", &forward, "pSConv 3x3 inference (channels_last, padding 1; optional residual added before the ReLU)");
   m.def("isa", &isa, "the instruction set the kernel runs with on this CPU");
   m.def("peak_gflops", &peak_gflops, "measured FMA throughput (GFLOP/s) of that instruction set");
 }
