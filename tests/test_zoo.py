@@ -295,3 +295,21 @@ def test_server_says_so_when_its_worker_dies(tiny_zoo):
             time.sleep(0.1)
         assert response.status_code == 500 and "worker exited" in response.json()["error"]
         assert client.get("/health").status_code == 500
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--quantile", "2"], "--quantile must be in (0, 1], got 2.0"),
+    (["--blocking-risk", "1.5"], "--blocking-risk must be in [0, 1)"),
+    (["--inference-cpus", "999"], "--inference-cpus names CPU(s) [999] this process cannot use"),
+    (["--inference-cpus", "one"], "--inference-cpus must be CPU ids separated by commas"),
+])
+def test_serve_rejects_bad_options_in_one_line(tiny_zoo, options, message, capsys):
+    pytest.importorskip("uvicorn")
+    from leancnn.cli import main
+
+    zoo, _ = tiny_zoo
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(["serve", str(zoo), *options]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
