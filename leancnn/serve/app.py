@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..zoo.runtime import Prediction
+from ..zoo.runtime import Prediction, quantile_of_sorted
 from .decode import RequestError, parse_request
 from .worker import InferenceWorker, WorkerGone
 
@@ -65,7 +65,7 @@ class Metrics:
         ordered = sorted(self.latencies)
 
         def q(fraction: float) -> float | None:
-            return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 4) if ordered else None
+            return round(quantile_of_sorted(ordered, fraction), 4) if ordered else None
 
         return {"requests": self.requests, "answered": self.answered,
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
