@@ -1,10 +1,10 @@
 """The inference worker: a separate process that owns the zoo's models and
 makes every decision, so the HTTP event loop and inference never share a GIL.
 
-Sharing one process, the event loop (parsing, decoding, replying) and the
-inference thread took the GIL from each other at every torch op; with
-Python's 5 ms switch interval the fastest model (1.2 ms alone) took 3.5 ms at
-the median and 13 ms at p99 under a light load, and no plan could hold.
+Sharing one process, the event loop (parsing, decoding, replying) and an
+inference thread contend for the GIL at every torch op, and a busy loop
+delays the model by up to Python's 5 ms switch interval; a process of its
+own also lets the model have a CPU to itself (`cpus`).
 
 The pipe carries plain bytes in both directions (a struct header and float32
 arrays; no pickle). The worker drains the pipe before each decision, so it
