@@ -294,8 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND", parser_class=Parser, required=True)
     build = zoo_sub.add_parser("build", help="runs -> zoo directory with manifest.json",
                                description="Runs -> a zoo directory (manifest.json, models/, front.png).")
-    build.add_argument("--from", dest="sources", nargs="+", required=True, metavar="SOURCE",
+    build.add_argument("--from", dest="sources", nargs="+", metavar="SOURCE",
                        help="run directories, bench directories, or runs.db files / their directories")
+    build.add_argument("--family", metavar="MODELS",
+                       help="also train a generated family first: these models (depths, e.g. "
+                            "'resnet20,resnet32,resnet56') at each of --widths, into OUT/family/")
+    build.add_argument("--widths", type=float, nargs="+", default=[0.25, 0.5], help="family widths (default 0.25 0.5)")
+    build.add_argument("--data", default="fashion-mnist", help="family dataset (default fashion-mnist)")
+    build.add_argument("--epochs", type=int, default=5, help="family training epochs (default 5)")
+    build.add_argument("--train-subset", type=int, default=None, help="family training images (default all)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bars while training the family")
     build.add_argument("--out", required=True, help="zoo directory to write")
     build.add_argument("--quantile", default="p90", choices=["median", "p90"],
                        help="latency the selector plans with (default p90)")

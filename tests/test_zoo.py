@@ -313,3 +313,25 @@ def test_serve_rejects_bad_options_in_one_line(tiny_zoo, options, message, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_zoo_build_trains_a_generated_family(tmp_path, capsys):
+    from leancnn.cli import main
+
+    out = tmp_path / "zoo"
+    argv = ["zoo", "build", "--family", "resnet20,vgg11", "--widths", "0.25", "--data", "synthetic", "--epochs", "1",
+            "--train-subset", "300", "--runs", "5", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (out / "family").iterdir() if p.is_dir()) == ["resnet20-w0.25", "vgg11-w0.25"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["models"]) + len(manifest["dropped"]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(["zoo", "build", "--family", "resnet7", "--out", str(tmp_path / "bad")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown model 'resnet7'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad" / "family").exists()   # rejected before any training
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(["zoo", "build", "--out", str(tmp_path / "none")]))
+    assert exit_info.value.code == 2 and "--from SOURCE" in capsys.readouterr().err

@@ -8,12 +8,35 @@ from pathlib import Path
 from ..errors import LeancnnError
 
 
+def train_family(args: argparse.Namespace, out: Path) -> list[str]:
+    """--family: one run per (model, width) under OUT/family/, trained with the given budget
+    (finished runs are reused); the run directories, for the zoo to choose from."""
+    from ..config import TrainConfig
+    from ..experiment import ensure_run
+
+    models = [m.strip() for m in args.family.split(",") if m.strip()]
+    runs = []
+    for model in models:
+        for width in args.widths:
+            run_dir = out / "family" / f"{model}-w{width:g}"
+            config = TrainConfig(data=args.data, model=model, width=width, epochs=args.epochs,
+                                 train_subset=args.train_subset, threads=args.threads, latency=False,
+                                 out=str(run_dir)).validate()   # a bad model or width fails before any training
+            print(f"training {model} at width {width:g} ({args.epochs} epoch(s)) -> {run_dir}", flush=True)
+            ensure_run(config, progress=not args.no_progress)
+            runs.append(str(run_dir))
+    return runs
+
+
 def run_zoo_build(args: argparse.Namespace) -> int:
     from ..zoo.build import build_zoo
 
     out = Path(args.out)
+    if not args.sources and not args.family:
+        raise LeancnnError("zoo build needs runs: --from SOURCE... and/or --family MODELS")
+    sources = list(args.sources or []) + (train_family(args, out) if args.family else [])
     print(f"measuring batch-1 latency of each run's deployed model ({args.runs} runs, {args.threads} thread(s)) ...")
-    manifest = build_zoo(args.sources, out, quantile=args.quantile, epsilon=args.epsilon, runs=args.runs,
+    manifest = build_zoo(sources, out, quantile=args.quantile, epsilon=args.epsilon, runs=args.runs,
                          threads=args.threads)
     show(out, manifest)
     return 0
