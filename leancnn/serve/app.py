@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import os
 import time
 from collections import Counter, deque
@@ -75,6 +76,19 @@ class Metrics:
                 "rss_bytes": rss_bytes()}
 
 
+def warm_up_decoding(shape: tuple[int, ...]) -> None:
+    """Decode one PNG and one JPEG before serving: the first decode imports and initialises the
+    image plug-ins, and the first request of a fresh server took 57 ms instead of ~5."""
+    from PIL import Image
+
+    channels, height, width = shape
+    image = Image.new("L" if channels == 1 else "RGB", (width, height))
+    for kind in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind)
+        parse_request(buffer.getvalue(), f"image/{kind.lower()}", "1", None, shape)
+
+
 def create_app(zoo: str, *, policy: str = "fastest", fixed: str | None = None, threads: int | None = None,
                plan_quantile: float | None = None, blocking_risk: float | None = None,
                inference_cpus: list[int] | None = None,
@@ -88,6 +102,7 @@ def create_app(zoo: str, *, policy: str = "fastest", fixed: str | None = None, t
         if rest:
             os.sched_setaffinity(0, rest)
     metrics = Metrics()
+    warm_up_decoding(worker.input_shape)
 
     def reject(status: int, reason: str) -> JSONResponse:
         metrics.rejected[status] += 1

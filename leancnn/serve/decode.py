@@ -57,7 +57,10 @@ def decode_image(data: bytes, content_type: str, shape: tuple[int, int, int]) ->
                     raise RequestError(422, f"image is {image.size[0]}x{image.size[1]}; this zoo expects "
                                             f"{width}x{height}")
                 array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError:
+            raise RequestError(400, f"not a readable {content_type.split('/')[1].upper()} image "
+                                    "(not recognised as one)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
             raise RequestError(400, f"not a readable {content_type.split('/')[1].upper()} image "
                                     f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
