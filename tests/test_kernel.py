@@ -42,6 +42,21 @@ def isas() -> list[str]:
     return {"avx512": ["generic", "avx2", "avx512"], "avx2": ["generic", "avx2"]}.get(native, ["generic"])
 
 
+@pytest.fixture(params=["generic", "avx2", "avx512"])
+def kernel_isa(request, monkeypatch) -> str:
+    """Each instruction set this CPU has, forced for the test (the others are skipped)."""
+    if EXTENSION is None:
+        pytest.skip("no C++ compiler: the kernel could not be built")
+    if request.param not in isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("LEANCNN_PSCONV_ISA", request.param)
+    return request.param
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
 def reference(conv: PSConv2d, x: torch.Tensor, relu: bool) -> torch.Tensor:
     out = F.conv2d(x, conv.weight * conv.mask, conv.bias, conv.stride, 1)
     return F.relu(out) if relu else out
@@ -57,12 +72,8 @@ def random_layer(c_in, c_out, stride, support, bias=True, seed=0) -> PSConv2d:
     return conv
 
 
-@needs_kernel
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_kernel_adds_a_residual_before_the_relu(isa, monkeypatch):
-    if isa not in isas():
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("LEANCNN_PSCONV_ISA", isa)
+def test_kernel_adds_a_residual_before_the_relu(kernel_isa):
+    isa = kernel_isa
     for index, (c_in, c_out, h, w, stride, batch) in enumerate(SHAPES):
         conv = random_layer(c_in, c_out, stride, "PS4_P4" if index % 2 else "PSD1_P16", seed=index)
         x = torch.randn(batch, c_in, h, w)
@@ -73,7 +84,7 @@ def test_kernel_adds_a_residual_before_the_relu(isa, monkeypatch):
                 want = F.conv2d(x, conv.weight * conv.mask, conv.bias, stride, 1) + residual
                 want = F.relu(want) if relu else want
                 got = PSConvInference(conv, relu=relu)(x, residual=residual)
-            error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            error = relative_error(got, want)
             assert error < 1e-5, f"{isa} {(c_in, c_out, h, w, stride, batch)} relu={relu}: {error:.2e}"
     with pytest.raises(RuntimeError, match="residual"):
         PSConvInference(random_layer(16, 16, 1, "PS4_P4"))(torch.randn(1, 16, 4, 4), residual=torch.randn(1, 8, 4, 4))
@@ -94,12 +105,8 @@ def test_deploy_fuses_residual_blocks_whose_second_conv_runs_on_the_kernel():
     assert not any(isinstance(m, KernelResidualBlock) for m in dense.modules())   # nothing to fuse
 
 
-@needs_kernel
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_kernel_matches_masked_dense_convolution(isa, monkeypatch):
-    if isa not in isas():
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("LEANCNN_PSCONV_ISA", isa)
+def test_kernel_matches_masked_dense_convolution(kernel_isa):
+    isa = kernel_isa
     for index, (c_in, c_out, h, w, stride, batch) in enumerate(SHAPES):
         for support in SUPPORTS:
             if support == "PS1_P9" and c_in * c_out < 9:
@@ -112,8 +119,7 @@ def test_kernel_matches_masked_dense_convolution(isa, monkeypatch):
                     want, got = reference(conv, x, relu), layer(x)
                 assert got.shape == want.shape
                 assert got.is_contiguous(memory_format=torch.channels_last)
-                scale = want.abs().max().clamp_min(1e-6)
-                error = ((got - want).abs().max() / scale).item()
+                error = relative_error(got, want)
                 assert error < 1e-5, f"{isa} {support} {(c_in, c_out, h, w, stride, batch)} relu={relu}: {error:.2e}"
 
 
