@@ -31,8 +31,11 @@ SUPPORTS = {
 # (C_in, C_out, H, W, stride, batch): odd sizes, 1x1 and 2x2 maps, channel counts off 16 and 64.
 SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 70, 2, 2, 1, 2),
           (33, 65, 7, 7, 2, 2), (64, 64, 8, 8, 1, 1), (48, 128, 6, 5, 2, 4), (3, 5, 3, 3, 1, 5),
-          # wide maps, C_in a power of two: the pitched path (window corners a constant apart)
-          (16, 24, 16, 17, 1, 2), (32, 48, 19, 16, 1, 1), (64, 64, 5, 20, 1, 3), (16, 16, 16, 16, 2, 1)]
+          (16, 24, 16, 17, 1, 2), (64, 64, 5, 20, 1, 3), (16, 16, 16, 16, 2, 1),
+          # stride 1 on maps a multiple of 16 wide: planes over padded rows, one image or many
+          (32, 48, 19, 16, 1, 1), (24, 40, 8, 16, 1, 5), (20, 36, 3, 32, 1, 4),
+          # many small images: each thread rearranges its own batch of images (the last one short)
+          (16, 16, 2, 3, 1, 40), (40, 24, 9, 9, 2, 12)]
 
 
 def isas() -> list[str]:
@@ -123,15 +126,32 @@ def test_kernel_matches_masked_dense_convolution(kernel_isa):
                 assert error < 1e-5, f"{isa} {support} {(c_in, c_out, h, w, stride, batch)} relu={relu}: {error:.2e}"
 
 
+def test_chunk_sizes_are_balanced_and_at_most_six():
+    assert kernel_module.chunk_sizes(16) == [6, 5, 5]
+    assert kernel_module.chunk_sizes(4) == [4]
+    assert kernel_module.chunk_sizes(7) == [4, 3]
+    for filters in range(1, 80):
+        sizes = kernel_module.chunk_sizes(filters)
+        assert sum(sizes) == filters and max(sizes) <= kernel_module.MAX_CHUNK and max(sizes) - min(sizes) <= 1
+
+
 @needs_kernel
-def test_block_width_32_on_wide_layers():
-    conv = random_layer(32, 128, 1, "PS4_P4")
-    layer = PSConvInference(conv)
-    expected = 32 if EXTENSION.isa() == "avx512" else 16
-    assert layer.block == expected
-    x = torch.randn(2, 32, 6, 6)
-    with torch.no_grad():
-        assert torch.allclose(layer(x), reference(conv, x, False), rtol=1e-5, atol=1e-4)
+def test_one_thread_and_two_give_the_same_result():
+    """Few images: planes for all, tiles split between threads; many: a batch of images per thread."""
+    conv = random_layer(24, 40, 1, "PS4_P4")
+    for batch in (1, 9):
+        x = torch.randn(batch, 24, 8, 16)
+        results = []
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with torch.no_grad():
+                    results.append(PSConvInference(conv, relu=True)(x))
+            finally:
+                torch.set_num_threads(previous)
+        assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-6)
+        assert relative_error(results[0], reference(conv, x, True)) < 1e-5
 
 
 def test_fallback_when_the_kernel_is_missing(monkeypatch):
@@ -162,18 +182,29 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch):
 
 
 def test_pack_lists_only_kept_taps():
-    conv = random_layer(16, 32, 1, "PS4_P4")
-    packed = kernel_module.pack(conv.weight.detach(), conv.mask, None, 16)
-    # Periodic PS4: 4 support groups of 8 filters, each block lists 16 channels x 4 taps.
-    assert packed["block_begin"].tolist() == [0, 64, 128, 192, 256]
-    assert packed["channels"].numel() == 4 * 16 * 4
+    conv = random_layer(48, 32, 1, "PS4_P4")
+    packed = kernel_module.pack(conv.weight.detach(), conv.mask, None)
+    # Periodic PS4: 4 support groups of 8 filters, each cut into chunks of 4 and 4; every chunk
+    # lists 48 channels x 4 taps, in segments of 32 and 16 channels.
+    slots = packed["chunk_slot"].tolist()
+    assert slots == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    pairs = packed["segment_pair"]
+    assert len(pairs) == 2 * 8 + 1 and packed["channels"].numel() == 8 * 48 * 4
+    assert ((pairs[1:9] - pairs[:8]) == 32 * 4).all() and ((pairs[9:] - pairs[8:-1]) == 16 * 4).all()
+    assert packed["weights"].numel() == 32 * 48 * 4  # one weight per kept tap, nothing padded
     position = packed["position"].long()
-    assert len(set(position.tolist())) == 32  # every filter has its own slot
-    # Filters that share a block share their support row.
+    assert sorted(position.tolist()) == list(range(32))  # every filter has its own slot
     rows = conv.mask.reshape(32, -1)
-    for block in range(4):
-        members = torch.nonzero((position // 16) == block).flatten()
-        assert len(members) == 8 and (rows[members] == rows[members[0]]).all()
+    for chunk in range(8):  # the filters of a chunk share their support row
+        members = torch.nonzero((position >= slots[chunk]) & (position < slots[chunk + 1])).flatten()
+        assert (rows[members] == rows[members[0]]).all()
+    for segment in range(16):  # a segment's channels lie in its channel block, and only kept taps
+        chunk, block = segment % 8, segment // 8
+        channel = packed["channels"][pairs[segment]:pairs[segment + 1]].long()
+        tap = packed["taps"][pairs[segment]:pairs[segment + 1]].long()
+        assert ((channel >= 32 * block) & (channel < 32 * block + 32)).all()
+        member = torch.nonzero(position == slots[chunk]).item()
+        assert conv.mask[member].reshape(48, 9)[channel, tap].all()
 
 
 def test_fold_batchnorm_keeps_outputs():

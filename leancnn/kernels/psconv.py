@@ -22,61 +22,66 @@ def kernel_applies(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
+# Filters per chunk: the kernel's register tile is chunk x 4 pixel vectors (24 of AVX-512's 32 registers).
+MAX_CHUNK = 6
+# Input channels per segment: a tile's plane vectors for 16 channels (24-36 KB) fit in L1.
+CHANNEL_BLOCK = 32
+
+
+def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
+    """`filters` cut into the fewest chunks of at most `limit`, as equal as possible (16 -> 6, 5, 5):
+    a chunk's broadcasts feed as many FMAs as it has filters, so no chunk is left tiny."""
+    count = -(-filters // limit)
+    return [filters // count + (1 if i < filters % count else 0) for i in range(count)]
+
+
 @torch.no_grad()
-def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None, block: int) -> dict[str, torch.Tensor]:
-    """Blocks of `block` filters that share their support row; per block, the
-    (tap, channel) pairs any of its filters uses, tap by tap, with the weights;
-    each filter's place in block order, and the bias in that order.
+def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The layer as the kernel reads it: filters grouped by support row (the taps each input
+    channel uses), each group cut into chunks of at most MAX_CHUNK filters; per chunk the
+    (tap, channel) pairs its filters use, channel by channel, with the chunk's weights per pair,
+    cut into segments of CHANNEL_BLOCK input channels.
     weight, mask: [C_out, C_in, 3, 3]."""
     out_channels, in_channels = weight.shape[:2]
     rows = mask.reshape(out_channels, -1)
     _, group_of = torch.unique(rows, dim=0, return_inverse=True)
-    filters_by_block: list[torch.Tensor] = []
+    taps_weight = (weight * mask).reshape(out_channels, in_channels, TAPS).float()
+    taps_mask = mask.reshape(out_channels, in_channels, TAPS)
+    chunks = []  # (filters, [C_in, 9] taps they use)
     for group in range(int(group_of.max()) + 1 if out_channels else 0):
         members = torch.nonzero(group_of == group).flatten()
-        filters_by_block += list(members.split(block))
-    taps_weight = (weight * mask).reshape(out_channels, in_channels, TAPS)
-    taps_mask = mask.reshape(out_channels, in_channels, TAPS)
-    begins, channels, taps, weights, block_filters = [0], [], [], [], []
-    for members in filters_by_block:
-        used = taps_mask[members].any(dim=0).T  # [9, C_in]: tap t of channel c is used by some filter
-        # Tap-major (measured faster than channel-major on resnet18's layers).
-        tap_index, channel_index = torch.nonzero(used, as_tuple=True)
-        begins.append(begins[-1] + len(channel_index))
-        lanes = torch.zeros(len(channel_index), block)
-        lanes[:, :len(members)] = taps_weight[members][:, channel_index, tap_index].T
-        weights.append(lanes)
-        channels.append(channel_index)
-        taps.append(tap_index)
-        padded = torch.full((block,), -1, dtype=torch.long)
-        padded[:len(members)] = members
-        block_filters.append(padded)
+        chunks += [(chunk, taps_mask[chunk].any(dim=0)) for chunk in members.split(chunk_sizes(len(members)))]
+    # Segments: channel block by channel block, every chunk's pairs in that block, channel by
+    # channel: a tile's inputs for one block of channels stay in L1 while all chunks use them.
+    pairs, channels, taps, weights = [0], [], [], []
+    for first_channel in range(0, in_channels, CHANNEL_BLOCK):
+        for chunk, used in chunks:
+            block = used[first_channel:first_channel + CHANNEL_BLOCK]
+            channel_index, tap_index = torch.nonzero(block, as_tuple=True)
+            channel_index = channel_index + first_channel
+            weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]
+            channels.append(channel_index)
+            taps.append(tap_index)
+            pairs.append(pairs[-1] + len(channel_index))
+    slots = [0]
+    for chunk, _ in chunks:
+        slots.append(slots[-1] + len(chunk))
+    order = [chunk for chunk, _ in chunks]
 
-    def stack(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dtype) -> torch.Tensor:
-        return (torch.cat(parts) if parts else torch.zeros(empty_shape)).to(dtype).contiguous()
+    def cat(parts: list[torch.Tensor], dtype) -> torch.Tensor:
+        return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype).contiguous()
 
-    order = stack(block_filters, (0,), torch.long)  # filter in each block-order slot, -1 = padding lane
     position = torch.zeros(out_channels, dtype=torch.int32)
-    lanes_used = order >= 0
-    position[order[lanes_used]] = torch.nonzero(lanes_used).flatten().to(torch.int32)
-    packed_bias = torch.zeros(len(order))
-    if bias is not None:
-        packed_bias[lanes_used] = bias[order[lanes_used]].float()
+    position[cat(order, torch.long)] = torch.arange(out_channels, dtype=torch.int32)
     return {
-        "weights": stack(weights, (0, block), torch.float32),
-        "channels": stack(channels, (0,), torch.int32),
-        "taps": stack(taps, (0,), torch.int32),
-        "block_begin": torch.tensor(begins, dtype=torch.int32),
-        "bias": packed_bias.contiguous(),
+        "weights": cat(weights, torch.float32),
+        "channels": cat(channels, torch.int32),
+        "taps": cat(taps, torch.int32),
+        "chunk_slot": torch.tensor(slots, dtype=torch.int32),
+        "segment_pair": torch.tensor(pairs, dtype=torch.int32),
+        "bias": (torch.zeros(out_channels) if bias is None else bias.detach().float().cpu()).contiguous(),
         "position": position,
     }
-
-
-def block_width(out_channels: int, groups: int, isa: str) -> int:
-    """32 filters per block where every support group fills them (AVX-512's two-vector tile), else 16."""
-    if isa == "avx512" and groups and out_channels // groups >= 32 and out_channels % (32 * groups) == 0:
-        return 32
-    return 16
 
 
 class PSConvInference(nn.Module):
@@ -99,9 +104,7 @@ class PSConvInference(nn.Module):
                                                                  requires_grad=False)
         extension = psconv_extension()
         self.isa = extension.isa() if extension is not None else "unavailable"
-        groups = len(torch.unique(mask.reshape(self.out_channels, -1), dim=0))
-        self.block = block_width(self.out_channels, groups, self.isa)
-        for name, tensor in pack(weight, mask, self.bias, self.block).items():
+        for name, tensor in pack(weight, mask, self.bias).items():
             self.register_buffer(f"packed_{name}", tensor)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,18 +122,19 @@ class PSConvInference(nn.Module):
                 out = out + residual
             return F.relu(out) if self.relu else out
         return extension.forward(x, self.packed_weights, self.packed_channels, self.packed_taps,
-                                 self.packed_block_begin, self.packed_bias, self.packed_position, self.stride,
-                                 self.relu, residual)
+                                 self.packed_chunk_slot, self.packed_segment_pair, self.packed_bias,
+                                 self.packed_position, self.stride, self.relu, residual)
 
     def leancnn_cost(self, inputs: tuple, output: torch.Tensor) -> LayerCost:
         uses = output.shape[-2] * output.shape[-1]
         taps = int(self.mask.sum())
         bias = 0 if self.bias is None else self.bias.numel()
         nonzero = int(torch.count_nonzero(self.weight)) + (0 if self.bias is None else int(torch.count_nonzero(self.bias)))
-        storage = (taps + bias) * FP32_BYTES + self.packed_channels.numel() * 5 + self.packed_block_begin.numel() * 4
+        # Kept weights and bias, then per pair a channel (4 bytes) and a tap (1), per chunk and segment a table entry.
+        storage = (taps + bias) * FP32_BYTES + self.packed_channels.numel() * 5 + (self.packed_chunk_slot.numel() + self.packed_segment_pair.numel()) * 4
         return LayerCost(self.weight.numel() * uses, taps * uses, self.weight.numel() + bias, nonzero,
                          storage, "psconv_packed")
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, relu={self.relu}, "
-                f"block={self.block}, isa={self.isa}")
+                f"chunks={self.packed_chunk_slot.numel() - 1}, isa={self.isa}")

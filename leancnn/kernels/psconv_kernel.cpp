@@ -1,20 +1,28 @@
 // Inference kernel for pre-defined (periodic) sparse 3x3 convolution (pSConv),
-// fp32, channels_last, padding 1, stride 1 or 2, optional fused bias and ReLU.
+// fp32, channels_last input and output, padding 1, stride 1 or 2, optional fused
+// bias, residual and ReLU.
 //
-// Data layout (built once per layer by leancnn/kernels/psconv.py: pack()):
-//   filters are grouped by their support row (the taps each input channel
-//   uses; periodic pSConv gives P groups), and each group is cut into blocks
-//   of FB filters (16 or 32; a short last block has empty lanes).
-//   Per block, the (tap, input channel) pairs that any of its filters uses are
-//   listed tap by tap: block_begin[block] .. [block + 1] index into
-//   channels[], taps[] and weights[] (FB floats per pair, zero where a filter
-//   skips the tap). Per call the pairs become offsets into the zero-padded
-//   input, counted from each output pixel's window corner.
-//   position[f] is filter f's place in block order (block * FB + lane), and
-//   packed_bias the bias in block order.
-// A block on a tile of output pixels therefore does, per listed pair, one
-// weight load per vector, one broadcast per pixel and NV FMAs per pixel: only
-// the kept taps are computed. The ceiling for PS4 is 9/4 = 2.25x over dense.
+// Plan: vectorise over output pixels, not filters. The filters of a layer are
+// grouped by support (the taps each input channel uses; periodic pSConv gives P
+// groups) and each group is cut into chunks of at most 6 filters
+// (leancnn/kernels/psconv.py: pack()). A chunk lists the (tap, channel) pairs it
+// uses and, per pair, its filters' weights. The input is rearranged once per call
+// (per image batch, in cache) into "planes" of pixel vectors: 16 consecutive
+// output pixels' values of one input channel for one tap, so that a pair is one
+// offset and its 16 inputs one aligned load:
+//   - stride 1 on maps a multiple of 16 wide: 3 planes, one per column tap dx,
+//     over the zero-padded rows (a row tap dy is a shift of dy * W / 16 vectors);
+//   - otherwise: 9 planes, one per tap, at output resolution, across images.
+// Plane layout: [plane][vector][channel][16 floats]. A chunk of R filters on a tile
+// of Q pixel vectors does, per pair, Q loads, R broadcasts and R x Q FMAs in
+// registers (AVX-512: 6 x 4 = 24 accumulators); no lane is ever a filter that
+// skips the tap, whatever the group sizes (PSD and PS1 groups hold 4-8 filters in
+// 64-channel layers). The tile's results are transposed back to channels_last
+// with bias, residual and ReLU. Why not vectorise over filters (the first
+// version): there each broadcast input feeds one FMA per 16 filters, and an FMA
+// with a broadcast memory operand ran at half the FMA rate on this project's
+// AVX-512 machine (83 vs 155 GFLOP/s, measured); 4-filter groups also left 12 of
+// 16 lanes empty.
 //
 // Instruction sets: AVX-512F, AVX2+FMA, and a plain loop, picked at run time
 // (LEANCNN_PSCONV_ISA=avx512|avx2|generic forces one, for tests). Threads come
@@ -38,73 +46,254 @@
 
 namespace {
 
+constexpr int kPixelVector = 16;  // output pixels per plane vector
+constexpr int kMaxChunk = 6;      // filters per chunk (pack() cuts groups to this)
+
 struct Problem {
-  const float* input;       // [N, H + 2, W + 2, C_in], zero-padded
-  const float* weights;     // [pairs, FB]
-  const int32_t* offsets;   // [pairs]: (dy * (W + 2) + dx) * C_in + channel, floats from the window corner
-  const int32_t* block_begin;    // [blocks + 1]: each block's first pair
-  const float* packed_bias; // [blocks, FB], block order (zeros without bias)
-  const int32_t* position;  // [C_out]: where filter f sits in block order
-  float* output;            // [N, OH, OW, C_out]
-  const float* residual;    // [N, OH, OW, C_out] added before the ReLU, or nullptr
-  int64_t in_h, in_w, in_channels, out_h, out_w, out_channels, pixels, blocks;  // in_h, in_w: padded
-  int stride;
+  const float* input;          // [N, H, W, C_in] channels_last
+  const float* weights;        // per chunk: [pairs][R]
+  const int32_t* offsets;      // [pairs]: floats from a tile's first plane vector
+  const int32_t* chunk_slot;   // [chunks + 1]: first stage row (slot) of each chunk
+  const int32_t* segment_pair; // [segments + 1]: first pair of each segment (channel block b, chunk k: b * chunks + k)
+  const int64_t* segment_weight;  // [segments]: first weight of each segment
+  const int32_t* position;     // [C_out]: slot of filter f
+  const float* bias;           // [C_out]
+  const float* residual;       // [N, OH, OW, C_out] added before the ReLU, or nullptr
+  float* output;               // [N, OH, OW, C_out]
+  int64_t images, in_h, in_w, in_channels, out_h, out_w, out_channels, chunks, segments, stride;
   bool relu;
-  bool relu_in_tile;        // relu and no residual: applied with the bias, in registers
-  bool pitched;  // stride 1, C_in in {16, ..., 512}, maps >= 16 wide: run_pitched
+  bool by_row;                 // 3 planes over padded rows (stride 1, W % 16 == 0), else 9 tap planes
+  // Plane geometry in floats. Both strides are padded past a power of two: with C_in = 64 a
+  // pixel vector is 4 KB, and every load of a pair (Q vectors, 3 or 9 planes) fell in one L1 set.
+  int64_t planes, plane_vectors, vector_stride, plane_stride;
 };
 
-constexpr int kMaxTile = 24;  // the most pixels any tile has
+// Asks for `floats` floats from `at` on to be brought into cache (the input is read once per
+// call, usually from memory: the hardware prefetcher alone left the plane build waiting on it).
+inline void prefetch_row(const float* at, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(at + i, 0, 3);
+}
 
-bool pitched_applies(int64_t stride, int64_t c_in, int64_t width) {
-  return stride == 1 && width >= 16 && (c_in == 16 || c_in == 32 || c_in == 64 || c_in == 128 || c_in == 256 || c_in == 512);
+namespace scalar {
+// dst[c][l] = lane l's channel c (zero for a null lane): 16 pixels into pixel vectors.
+void lanes_to_vectors(const float* const* src, int64_t channels, float* dst) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int l = 0; l < kPixelVector; ++l) dst[c * kPixelVector + l] = src[l] ? src[l][c] : 0.0f;
+}
+
+// One padded row of plane dx = 1 (`centre`, w16 pixel vectors of `channels`, `vector_floats` apart) shifted by one pixel
+// into planes dx = 0 (`left`: x - 1) and dx = 2 (`right`: x + 1), zeros coming in at the ends.
+void shift_row(const float* centre, float* left, float* right, int64_t w16, int64_t channels, int64_t vector_floats) {
+  const int64_t last = w16 * kPixelVector - 1;
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t x = 0; x <= last; ++x) {
+      const int64_t at = (x / kPixelVector) * vector_floats + c * kPixelVector + x % kPixelVector;
+      const int64_t before = ((x - 1) / kPixelVector) * vector_floats + c * kPixelVector + (x - 1) % kPixelVector;
+      const int64_t after = ((x + 1) / kPixelVector) * vector_floats + c * kPixelVector + (x + 1) % kPixelVector;
+      left[at] = x == 0 ? 0.0f : centre[before];
+      right[at] = x == last ? 0.0f : centre[after];
+    }
+}
+
+// Filters f0.. f0 + count - 1 (stage rows `rows`, from float `at`) on `pixels` pixels to the
+// output from pixel `out_pixel` on, with bias, residual and ReLU.
+void finish_block(const Problem& p, const float* const* rows, int count, int64_t at, int64_t out_pixel, int pixels,
+                  int64_t f0) {
+  for (int l = 0; l < pixels; ++l) {
+    const int64_t o = (out_pixel + l) * p.out_channels + f0;
+    for (int j = 0; j < count; ++j) {
+      float value = rows[j][at + l] + p.bias[f0 + j];
+      if (p.residual) value += p.residual[o + j];
+      p.output[o + j] = p.relu && value < 0.0f ? 0.0f : value;
+    }
+  }
+}
+}  // namespace scalar
+
+// The steps each instruction set implements (psconv_body.inc).
+struct Steps {
+  void (*build)(const Problem&, float* planes, int64_t first_image, int64_t images, int64_t begin, int64_t end);
+  void (*compute)(const Problem&, const float* base, int q, float* stage, int64_t k_begin, int64_t k_end);
+  void (*finish)(const Problem&, const float* stage, int q, int64_t first_pixel, int64_t valid, int64_t f_begin,
+                 int64_t f_end);
+  int max_q;
+};
+
+// Tile t (of q pixel vectors) of a batch of images whose planes are built: its first plane vector,
+// its first output pixel and how many of its pixels are real.
+struct Tile {
+  const float* base;
+  int64_t first_pixel, valid;
+};
+
+int64_t tiles_in_batch(const Problem& p, int64_t images, int q) {
+  const int64_t tile_pixels = int64_t(q) * kPixelVector, image_pixels = p.out_h * p.out_w;
+  return p.by_row ? images * ((image_pixels + tile_pixels - 1) / tile_pixels)
+                  : (images * image_pixels + tile_pixels - 1) / tile_pixels;
+}
+
+Tile tile_at(const Problem& p, const float* planes, int64_t first_image, int64_t images, int q, int64_t t) {
+  const int64_t tile_pixels = int64_t(q) * kPixelVector, image_pixels = p.out_h * p.out_w;
+  if (p.by_row) {  // tiles within each image; an image's plane rows start at its top padding row
+    const int64_t per_image = (image_pixels + tile_pixels - 1) / tile_pixels;
+    const int64_t image = t / per_image, first = (t % per_image) * tile_pixels;
+    const int64_t image_vectors = (p.in_h + 2) * (p.in_w / kPixelVector);
+    return {planes + (image * image_vectors + first / kPixelVector) * p.vector_stride,
+            (first_image + image) * image_pixels + first, std::min(tile_pixels, image_pixels - first)};
+  }
+  const int64_t first = t * tile_pixels;  // one plane per tap: tiles run across images
+  return {planes + (first / kPixelVector) * p.vector_stride, first_image * image_pixels + first,
+          std::min(tile_pixels, images * image_pixels - first)};
+}
+
+// Build units of a batch: padded rows (by_row) or pixel vectors; the vectors after them are slack
+// that tiles may read past the batch's end (their results are dropped), kept zero.
+int64_t build_units(const Problem& p, int64_t images) {
+  return p.by_row ? images * (p.in_h + 2) : (images * p.out_h * p.out_w + kPixelVector - 1) / kPixelVector;
+}
+
+void zero_slack(const Problem& p, float* planes, int64_t images) {
+  const int64_t used = p.by_row ? build_units(p, images) * (p.in_w / kPixelVector) : build_units(p, images);
+  for (int64_t k = 0; k < p.planes; ++k)
+    std::fill(planes + k * p.plane_stride + used * p.vector_stride, planes + (k + 1) * p.plane_stride, 0.0f);
+}
+
+float* aligned(std::vector<float>& buffer, int64_t floats) {  // 64-byte aligned view of `floats` floats
+  buffer.resize(static_cast<size_t>(floats) + 16);
+  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
+// Sizes the planes for batches of `batch` images, computes the pair offsets, and runs: with
+// enough batches, each thread builds its batch's planes in its own buffer (they stay in cache)
+// and runs its tiles; with few images (batch 1), planes are built for all of them in parallel and
+// then the tiles are split between threads.
+void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_t pairs, const Steps& steps) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t image_pixels = p.out_h * p.out_w;
+  const int64_t w16 = p.in_w / kPixelVector;
+  const int max_q = steps.max_q;
+  int64_t batch = p.by_row ? 1 : std::min<int64_t>(p.images, std::max<int64_t>(1, (4 * max_q * kPixelVector) / image_pixels));
+  const bool per_batch = (p.images + batch - 1) / batch >= 2 * threads;
+  if (!per_batch) batch = p.images;
+  const int64_t batch_pixels = p.by_row ? image_pixels : batch * image_pixels;
+  int q = max_q;  // pixel vectors per tile: no more than the pixels need
+  while (q > 1 && (q / 2) * kPixelVector >= batch_pixels) q /= 2;
+  p.plane_vectors = p.by_row ? batch * (p.in_h + 2) * w16 + max_q + 2
+                             : (batch * image_pixels + kPixelVector - 1) / kPixelVector + max_q;
+  p.vector_stride = (p.in_channels + 1) * kPixelVector;
+  p.plane_stride = p.plane_vectors * p.vector_stride + 7 * kPixelVector;
+  const int64_t plane_floats = p.planes * p.plane_stride;
+  TORCH_CHECK(plane_floats < (int64_t(1) << 31), "pSConv kernel: the input is too large for 32-bit offsets");
+  std::vector<int32_t> offsets(static_cast<size_t>(pairs));
+  for (int64_t e = 0; e < pairs; ++e) {
+    const int64_t dy = taps[e] / 3, dx = taps[e] % 3;
+    const int64_t at = p.by_row ? dx * p.plane_stride + dy * w16 * p.vector_stride : taps[e] * p.plane_stride;
+    offsets[e] = static_cast<int32_t>(at + channels[e] * kPixelVector);
+  }
+  p.offsets = offsets.data();
+  std::vector<int64_t> segment_weight(static_cast<size_t>(p.segments));
+  for (int64_t s = 0, at = 0; s < p.segments; ++s) {
+    segment_weight[s] = at;
+    const int64_t k = s % p.chunks;
+    at += int64_t(p.segment_pair[s + 1] - p.segment_pair[s]) * (p.chunk_slot[k + 1] - p.chunk_slot[k]);
+  }
+  p.segment_weight = segment_weight.data();
+  const int64_t stage_floats = int64_t(p.chunk_slot[p.chunks]) * q * kPixelVector;
+  const int64_t tiles = tiles_in_batch(p, batch, q);
+  if (per_batch) {
+    const int64_t batches = (p.images + batch - 1) / batch;
+    at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
+      static thread_local std::vector<float> plane_buffer, stage_buffer;
+      float* planes = aligned(plane_buffer, plane_floats);
+      float* stage = aligned(stage_buffer, stage_floats);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t first = b * batch, images = std::min(batch, p.images - first);
+        zero_slack(p, planes, images);
+        steps.build(p, planes, first, images, 0, build_units(p, images));
+        for (int64_t t = 0; t < tiles_in_batch(p, images, q); ++t) {
+          const Tile tile = tile_at(p, planes, first, images, q, t);
+          steps.compute(p, tile.base, q, stage, 0, p.chunks);
+          steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<float> plane_buffer;
+  float* planes = aligned(plane_buffer, plane_floats);
+  zero_slack(p, planes, p.images);
+  at::parallel_for(0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
+    steps.build(p, planes, 0, p.images, begin, end);
+  });
+  if (tiles >= 2 * threads) {  // enough tiles to share
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      static thread_local std::vector<float> stage_buffer;
+      float* stage = aligned(stage_buffer, stage_floats);
+      for (int64_t t = begin; t < end; ++t) {
+        const Tile tile = tile_at(p, planes, 0, p.images, q, t);
+        steps.compute(p, tile.base, q, stage, 0, p.chunks);
+        steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
+      }
+    });
+    return;
+  }
+  // A few tiles (one small image): the threads share each tile's chunks, then its output channels.
+  const int64_t parts = std::min<int64_t>(p.chunks, (4 * threads + tiles - 1) / tiles);
+  const int64_t filter_blocks = (p.out_channels + kPixelVector - 1) / kPixelVector;
+  std::vector<float> stage_buffer;
+  float* stages = aligned(stage_buffer, tiles * stage_floats);
+  at::parallel_for(0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / parts, part = item % parts;
+      steps.compute(p, tile_at(p, planes, 0, p.images, q, t).base, q, stages + t * stage_floats,
+                    part * p.chunks / parts, (part + 1) * p.chunks / parts);
+    }
+  });
+  at::parallel_for(0, tiles * filter_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / filter_blocks, f0 = (item % filter_blocks) * kPixelVector;
+      const Tile tile = tile_at(p, planes, 0, p.images, q, t);
+      steps.finish(p, stages + t * stage_floats, q, tile.first_pixel, tile.valid, f0,
+                   std::min(f0 + kPixelVector, p.out_channels));
+    }
+  });
 }
 
 namespace generic {
-// Pixels per tile for blocks of 16 and 32 filters (the dispatcher sizes the work with them).
-constexpr int kTile16 = 4, kTile32 = 2;
 // Portable path: one "vector" is one float; the compiler may vectorise it.
+constexpr int kMaxQ = 1;
+using scalar::finish_block;
+using scalar::lanes_to_vectors;
+using scalar::shift_row;
 #define VEC float
 #define VW 1
 #define VZERO() 0.0f
 #define VLOAD(ptr) (*(ptr))
+#define VLOADU(ptr) (*(ptr))
 #define VBCAST(ptr) (*(ptr))
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VSTORE(ptr, v) (*(ptr) = (v))
-#define VADD(a, b) ((a) + (b))
-#define VRELU(a) ((a) > 0.0f ? (a) : 0.0f)
 #include "psconv_body.inc"  // and #undef of the macros at its end
-
-void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) return run_range<16, kTile16>(p, begin, end);
-  return run_range<32, kTile32>(p, begin, end);
-}
 }  // namespace generic
 
 #ifdef LEANCNN_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int kTile16 = 6, kTile32 = 3;  // 2 x 6 and 4 x 3 = 12 accumulators
+constexpr int kMaxQ = 1;  // 6 filters x 2 vectors of 8 pixels = 12 of the 16 registers accumulate
+using scalar::finish_block;
+using scalar::lanes_to_vectors;
+using scalar::shift_row;
 #define VEC __m256
 #define VW 8
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(ptr) _mm256_loadu_ps(ptr)
+#define VLOADU(ptr) _mm256_loadu_ps(ptr)
 #define VBCAST(ptr) _mm256_broadcast_ss(ptr)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VSTORE(ptr, v) _mm256_storeu_ps(ptr, v)
-#define VADD(a, b) _mm256_add_ps(a, b)
-#define VRELU(a) _mm256_max_ps(a, _mm256_setzero_ps())
 #include "psconv_body.inc"  // and #undef of the macros at its end
-
-// 16 filters: 2 vectors x 6 pixels = 12 accumulators; 32 filters: 4 x 3.
-void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) {
-    if (!(p.pitched && try_pitched<2, kTile16>(p, begin, end))) run_range<2, kTile16>(p, begin, end);
-    return;
-  }
-  if (!(p.pitched && try_pitched<4, kTile32>(p, begin, end))) run_range<4, kTile32>(p, begin, end);
-}
 
 double fma_loop(int64_t iterations) {
   __m256 a[12];
@@ -128,28 +317,83 @@ constexpr int peak_lanes = 8;
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
-constexpr int kTile16 = 24, kTile32 = 12;  // 1 x 24 and 2 x 12 = 24 accumulators
+constexpr int kMaxQ = 4;  // 6 filters x 4 pixel vectors = 24 of the 32 registers accumulate
+
+// r[i] = row i in, r[j] = column j out.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  // u[4g + m], 128-bit lane L: rows 4g..4g+3 at column 4L + m.
+  for (int m = 0; m < 4; ++m) {
+    const __m512 a = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), b = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88), d = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    r[m] = _mm512_shuffle_f32x4(a, c, 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    r[4 + m] = _mm512_shuffle_f32x4(b, d, 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
+
+void lanes_to_vectors(const float* const* src, int64_t channels, float* dst) {
+  __m512 r[16];
+  for (int64_t c0 = 0; c0 < channels; c0 += 16) {
+    const int64_t count = std::min<int64_t>(16, channels - c0);
+    const __mmask16 mask = first_lanes(count);
+    for (int l = 0; l < 16; ++l) r[l] = src[l] ? _mm512_maskz_loadu_ps(mask, src[l] + c0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t j = 0; j < count; ++j) _mm512_store_ps(dst + (c0 + j) * 16, r[j]);
+  }
+}
+
+void shift_row(const float* centre, float* left, float* right, int64_t w16, int64_t channels, int64_t vector_floats) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t u = 0; u < w16; ++u)
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t at = u * vector_floats + c * 16;
+      const __m512i here = _mm512_castps_si512(_mm512_load_ps(centre + at));
+      const __m512i before = u > 0 ? _mm512_castps_si512(_mm512_load_ps(centre + at - vector_floats)) : zero;
+      const __m512i after = u + 1 < w16 ? _mm512_castps_si512(_mm512_load_ps(centre + at + vector_floats)) : zero;
+      _mm512_store_ps(left + at, _mm512_castsi512_ps(_mm512_alignr_epi32(here, before, 15)));  // before[15], here[0..14]
+      _mm512_store_ps(right + at, _mm512_castsi512_ps(_mm512_alignr_epi32(after, here, 1)));   // here[1..15], after[0]
+    }
+}
+
+void finish_block(const Problem& p, const float* const* rows, int count, int64_t at, int64_t out_pixel, int pixels,
+                  int64_t f0) {
+  __m512 r[16];
+  for (int j = 0; j < 16; ++j) r[j] = j < count ? _mm512_loadu_ps(rows[j] + at) : _mm512_setzero_ps();
+  transpose16(r);  // r[l]: pixel l, filters f0..f0 + 15
+  const __mmask16 mask = first_lanes(count);
+  const __m512 bias = _mm512_maskz_loadu_ps(mask, p.bias + f0);
+  for (int l = 0; l < pixels; ++l) {
+    const int64_t o = (out_pixel + l) * p.out_channels + f0;
+    __m512 value = _mm512_add_ps(r[l], bias);
+    if (p.residual) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, p.residual + o));
+    if (p.relu) value = _mm512_max_ps(value, _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(p.output + o, mask, value);
+  }
+}
+
 #define VEC __m512
 #define VW 16
 #define VZERO() _mm512_setzero_ps()
-#define VLOAD(ptr) _mm512_loadu_ps(ptr)
+#define VLOAD(ptr) _mm512_load_ps(ptr)
+#define VLOADU(ptr) _mm512_loadu_ps(ptr)
 #define VBCAST(ptr) _mm512_set1_ps(*(ptr))
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSTORE(ptr, v) _mm512_storeu_ps(ptr, v)
-#define VADD(a, b) _mm512_add_ps(a, b)
-#define VRELU(a) _mm512_max_ps(a, _mm512_setzero_ps())
 #include "psconv_body.inc"  // and #undef of the macros at its end
-
-// 16 filters: 1 vector x 24 pixels; 32 filters: 2 vectors x 12 pixels (24 of the 32 registers hold
-// accumulators either way: each weight vector loaded serves 24 FMAs; with 12, the 128-512 channel
-// layers ran 1.1-1.4x slower).
-void run(const Problem& p, int64_t fb, int64_t begin, int64_t end, int64_t) {
-  if (fb == 16) {
-    if (!(p.pitched && try_pitched<1, kTile16>(p, begin, end))) run_range<1, kTile16>(p, begin, end);
-    return;
-  }
-  if (!(p.pitched && try_pitched<2, kTile32>(p, begin, end))) run_range<2, kTile32>(p, begin, end);
-}
 
 // Twelve independent FMA chains: the core's FMA throughput, for the benchmark's peak figure.
 double fma_loop(int64_t iterations) {
@@ -193,75 +437,39 @@ const char* isa_name(Isa isa) {
   }
 }
 
-int tile_pixels(Isa isa, int64_t fb) {
-  switch (isa) {
-#ifdef LEANCNN_X86
-    case Isa::avx512: return fb == 16 ? avx512::kTile16 : avx512::kTile32;
-    case Isa::avx2: return fb == 16 ? avx2::kTile16 : avx2::kTile32;
-#endif
-    default: return fb == 16 ? generic::kTile16 : generic::kTile32;
-  }
-}
-
-// The input with one zero row and column on each side (and `extra_rows` more zero rows at the bottom),
-// channels_last, written once in parallel: each padded row is zeros or one copy of an input row.
-// torch::constant_pad_nd zero-filled the whole buffer and then copied into it, single-threaded in
-// effect: about 12% of a deployed resnet18's time at batch 64.
-torch::Tensor pad_channels_last(const torch::Tensor& x, int64_t extra_rows) {
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t padded_h = h + 2 + extra_rows, padded_w = w + 2;
-  auto padded = torch::empty({n, c, padded_h, padded_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const float* source = x.data_ptr<float>();
-  float* target = padded.data_ptr<float>();
-  const int64_t row_floats = padded_w * c;
-  at::parallel_for(0, n * padded_h, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t image = r / padded_h, y = r % padded_h;
-      float* row = target + r * row_floats;
-      if (y == 0 || y > h) {
-        std::fill(row, row + row_floats, 0.0f);
-        continue;
-      }
-      std::fill(row, row + c, 0.0f);
-      std::memcpy(row + c, source + (image * h + y - 1) * w * c, sizeof(float) * w * c);
-      std::fill(row + (w + 1) * c, row + row_floats, 0.0f);
-    }
-  });
-  return padded;
-}
-
 torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
-                      torch::Tensor block_begin, torch::Tensor packed_bias, torch::Tensor position, int64_t stride,
-                      bool relu, const c10::optional<torch::Tensor>& residual) {
+                      torch::Tensor chunk_slot, torch::Tensor segment_pair, torch::Tensor bias, torch::Tensor position,
+                      int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
-  const int64_t fb = weights.size(1);
-  TORCH_CHECK(fb == 16 || fb == 32, "pSConv kernel: block width must be 16 or 32");
-  TORCH_CHECK(weights.is_contiguous() && channels.is_contiguous() && taps.is_contiguous() &&
-              block_begin.is_contiguous() && packed_bias.is_contiguous() && position.is_contiguous(),
+  TORCH_CHECK(weights.is_contiguous() && channels.is_contiguous() && taps.is_contiguous() && chunk_slot.is_contiguous() &&
+                  segment_pair.is_contiguous() && bias.is_contiguous() && position.is_contiguous(),
               "pSConv kernel: packed tensors must be contiguous");
-  TORCH_CHECK(channels.numel() == taps.numel() && weights.size(0) == taps.numel(),
-              "pSConv kernel: one channel, tap and weight row per pair");
+  TORCH_CHECK(channels.numel() == taps.numel(), "pSConv kernel: one channel and one tap per pair");
+  const int64_t chunks = chunk_slot.numel() - 1, segments = segment_pair.numel() - 1;
+  TORCH_CHECK(chunks >= 0 && segments >= 0 && (chunks == 0 ? segments == 0 : segments % chunks == 0),
+              "pSConv kernel: one segment per chunk and channel block");
+  const int32_t* slot = chunk_slot.data_ptr<int32_t>();
+  const int32_t* pair = segment_pair.data_ptr<int32_t>();
+  int64_t weight_count = 0;
+  for (int64_t k = 0; k < chunks; ++k)
+    TORCH_CHECK(slot[k + 1] - slot[k] >= 1 && slot[k + 1] - slot[k] <= kMaxChunk, "pSConv kernel: a chunk holds 1 to ",
+                kMaxChunk, " filters");
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK(pair[s + 1] >= pair[s], "pSConv kernel: segment pairs must ascend");
+    weight_count += int64_t(pair[s + 1] - pair[s]) * (slot[s % chunks + 1] - slot[s % chunks]);
+  }
+  TORCH_CHECK(segments == 0 || (pair[0] == 0 && pair[segments] == channels.numel()),
+              "pSConv kernel: segments do not cover the pairs");
+  TORCH_CHECK(weights.numel() == weight_count, "pSConv kernel: weights must hold pairs x filters per chunk");
   const int64_t out_channels = position.size(0);
-  const int64_t blocks = block_begin.numel() - 1;
-  TORCH_CHECK(packed_bias.numel() == blocks * fb, "pSConv kernel: packed bias must hold blocks x block width");
+  TORCH_CHECK(bias.numel() == out_channels && (chunks == 0 ? out_channels == 0 : slot[chunks] == out_channels),
+              "pSConv kernel: one bias and one slot per filter");
   auto x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t out_h = (h - 1) / stride + 1, out_w = (w - 1) / stride + 1;  // padding 1, kernel 3
   auto output = torch::empty({n, out_channels, out_h, out_w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  // Zero padding once, so the inner loop needs no bounds checks: one offset per (tap, channel).
-  // Extra rows at the bottom: a pitched tile's last pixels may read past the image's
-  // own padded grid (their results are dropped), never past the buffer.
-  const Isa isa = detect();
-  const bool pitched = pitched_applies(stride, c_in, w);
-  const int64_t extra_rows = pitched ? (kMaxTile + w + 1) / (w + 2) + 1 : 0;
-  auto padded = pad_channels_last(x, extra_rows);
-  const int32_t* tap = taps.data_ptr<int32_t>();
-  const int32_t* channel = channels.data_ptr<int32_t>();
-  std::vector<int32_t> offsets(static_cast<size_t>(channels.numel()));
-  for (size_t e = 0; e < offsets.size(); ++e)
-    offsets[e] = static_cast<int32_t>(((tap[e] / 3) * (w + 2) + tap[e] % 3) * c_in + channel[e]);
   torch::Tensor added;
   if (residual.has_value()) {
     TORCH_CHECK(residual->sizes() == output.sizes() && residual->scalar_type() == torch::kFloat &&
@@ -269,25 +477,27 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
                 "pSConv kernel: the residual must be a float32 CPU tensor shaped like the output");
     added = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
-  Problem p{padded.data_ptr<float>(), weights.data_ptr<float>(), offsets.data(), block_begin.data_ptr<int32_t>(),
-            packed_bias.data_ptr<float>(), position.data_ptr<int32_t>(), output.data_ptr<float>(),
-            added.defined() ? added.data_ptr<float>() : nullptr,
-            h + 2 + extra_rows, w + 2, c_in, out_h, out_w, out_channels, n * out_h * out_w, blocks,
-            static_cast<int>(stride), relu, relu && !added.defined(), pitched && isa != Isa::generic};
-  if (p.pixels == 0) return output;
-  if (p.blocks == 0) return output;  // no filters
-  const int64_t tp = tile_pixels(isa, fb);
-  const int64_t tiles = p.pitched ? n * ((out_h * (w + 2) + tp - 1) / tp) : (p.pixels + tp - 1) / tp;
-  // A tile is every filter on TP pixels; a few per task keep the scheduling overhead small.
-  at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    switch (isa) {
+  if (output.numel() == 0) return output;
+  if (c_in == 0 || segments == 0) {  // nothing to add up: bias (+ residual), then the ReLU
+    auto out = bias.view({1, out_channels, 1, 1}).expand_as(output).clone(at::MemoryFormat::ChannelsLast);
+    if (added.defined()) out += added;
+    return relu ? out.clamp_min_(0) : out;
+  }
+  const bool by_row = stride == 1 && w % kPixelVector == 0;
+  Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, pair, nullptr,
+            position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
+            output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, segments, stride, relu, by_row,
+            by_row ? 3 : 9, 0, 0};
+  const int32_t* channel = channels.data_ptr<int32_t>();
+  const int32_t* tap = taps.data_ptr<int32_t>();
+  const int64_t pairs = channels.numel();
+  switch (detect()) {
 #ifdef LEANCNN_X86
-      case Isa::avx512: avx512::run(p, fb, begin, end, 0); break;
-      case Isa::avx2: avx2::run(p, fb, begin, end, 0); break;
+    case Isa::avx512: avx512::run(p, channel, tap, pairs); break;
+    case Isa::avx2: avx2::run(p, channel, tap, pairs); break;
 #endif
-      default: generic::run(p, fb, begin, end, 0);
-    }
-  });
+    default: generic::run(p, channel, tap, pairs);
+  }
   return output;
 }
 
