@@ -186,6 +186,7 @@ def test_pack_lists_only_kept_taps():
     packed = kernel_module.pack(conv.weight.detach(), conv.mask, None)
     # Periodic PS4: 4 support groups of 8 filters, each cut into chunks of 4 and 4; every chunk
     # lists 48 channels x 4 taps, in segments of 32 and 16 channels.
+    assert kernel_module.channel_block(conv.mask) == 32
     slots = packed["chunk_slot"].tolist()
     assert slots == [0, 4, 8, 12, 16, 20, 24, 28, 32]
     pairs = packed["segment_pair"]

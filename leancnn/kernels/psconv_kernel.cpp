@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -158,11 +159,19 @@ void zero_slack(const Problem& p, float* planes, int64_t images) {
     std::fill(planes + k * p.plane_stride + used * p.vector_stride, planes + (k + 1) * p.plane_stride, 0.0f);
 }
 
-float* aligned(std::vector<float>& buffer, int64_t floats) {  // 64-byte aligned view of `floats` floats
-  buffer.resize(static_cast<size_t>(floats) + 16);
-  const auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return buffer.data() + ((64 - address % 64) % 64) / sizeof(float);
-}
+// A 64-byte aligned, uninitialised float buffer that keeps its memory for the next call.
+struct Buffer {
+  std::unique_ptr<float[]> memory;
+  int64_t capacity = 0;
+  float* get(int64_t floats) {
+    if (floats + 16 > capacity) {
+      memory.reset(new float[floats + 16]);  // not zero-filled: every float read is written first
+      capacity = floats + 16;
+    }
+    const auto address = reinterpret_cast<uintptr_t>(memory.get());
+    return memory.get() + ((64 - address % 64) % 64) / sizeof(float);
+  }
+};
 
 // Sizes the planes for batches of `batch` images, computes the pair offsets, and runs: with
 // enough batches, each thread builds its batch's planes in its own buffer (they stay in cache)
@@ -204,9 +213,9 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   if (per_batch) {
     const int64_t batches = (p.images + batch - 1) / batch;
     at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
-      static thread_local std::vector<float> plane_buffer, stage_buffer;
-      float* planes = aligned(plane_buffer, plane_floats);
-      float* stage = aligned(stage_buffer, stage_floats);
+      static thread_local Buffer plane_buffer, stage_buffer;
+      float* planes = plane_buffer.get(plane_floats);
+      float* stage = stage_buffer.get(stage_floats);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * batch, images = std::min(batch, p.images - first);
         zero_slack(p, planes, images);
@@ -220,16 +229,16 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
     });
     return;
   }
-  std::vector<float> plane_buffer;
-  float* planes = aligned(plane_buffer, plane_floats);
+  Buffer plane_buffer;
+  float* planes = plane_buffer.get(plane_floats);
   zero_slack(p, planes, p.images);
   at::parallel_for(0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
     steps.build(p, planes, 0, p.images, begin, end);
   });
   if (tiles >= 2 * threads) {  // enough tiles to share
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      static thread_local std::vector<float> stage_buffer;
-      float* stage = aligned(stage_buffer, stage_floats);
+      static thread_local Buffer stage_buffer;
+      float* stage = stage_buffer.get(stage_floats);
       for (int64_t t = begin; t < end; ++t) {
         const Tile tile = tile_at(p, planes, 0, p.images, q, t);
         steps.compute(p, tile.base, q, stage, 0, p.chunks);
@@ -241,8 +250,8 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   // A few tiles (one small image): the threads share each tile's chunks, then its output channels.
   const int64_t parts = std::min<int64_t>(p.chunks, (4 * threads + tiles - 1) / tiles);
   const int64_t filter_blocks = (p.out_channels + kPixelVector - 1) / kPixelVector;
-  std::vector<float> stage_buffer;
-  float* stages = aligned(stage_buffer, tiles * stage_floats);
+  Buffer stage_buffer;
+  float* stages = stage_buffer.get(tiles * stage_floats);
   at::parallel_for(0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / parts, part = item % parts;
