@@ -96,6 +96,18 @@ void shift_row(const float* centre, float* left, float* right, int64_t w16, int6
     }
 }
 
+// dst[c][l] = source lane shift + l (lanes 0-15 of `low`, then of `high`; a null vector is zeros)
+// where bit l of `valid` is set, else 0: a plane derived from the centre one.
+void shifted_vectors(const float* low, const float* high, int shift, uint32_t valid, int64_t channels, float* dst) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int l = 0; l < kPixelVector; ++l) {
+      const int from = shift + l;
+      const float* vector = from < kPixelVector ? low : high;
+      dst[c * kPixelVector + l] =
+          (valid >> l & 1u) && vector ? vector[c * kPixelVector + from % kPixelVector] : 0.0f;
+    }
+}
+
 // Filters f0.. f0 + count - 1 (stage rows `rows`, from float `at`) on `pixels` pixels to the
 // output from pixel `out_pixel` on, with bias, residual and ReLU.
 void finish_block(const Problem& p, const float* const* rows, int count, int64_t at, int64_t out_pixel, int pixels,
@@ -113,7 +125,8 @@ void finish_block(const Problem& p, const float* const* rows, int count, int64_t
 
 // The steps each instruction set implements (psconv_body.inc).
 struct Steps {
-  void (*build)(const Problem&, float* planes, int64_t first_image, int64_t images, int64_t begin, int64_t end);
+  void (*build)(const Problem&, float* planes, int64_t first_image, int64_t images, int64_t begin, int64_t end,
+                int phase);
   void (*compute)(const Problem&, const float* base, int q, float* stage, int64_t k_begin, int64_t k_end);
   void (*finish)(const Problem&, const float* stage, int q, int64_t first_pixel, int64_t valid, int64_t f_begin,
                  int64_t f_end);
@@ -219,7 +232,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * batch, images = std::min(batch, p.images - first);
         zero_slack(p, planes, images);
-        steps.build(p, planes, first, images, 0, build_units(p, images));
+        for (int phase = 0; phase < 2; ++phase) steps.build(p, planes, first, images, 0, build_units(p, images), phase);
         for (int64_t t = 0; t < tiles_in_batch(p, images, q); ++t) {
           const Tile tile = tile_at(p, planes, first, images, q, t);
           steps.compute(p, tile.base, q, stage, 0, p.chunks);
@@ -232,9 +245,10 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   Buffer plane_buffer;
   float* planes = plane_buffer.get(plane_floats);
   zero_slack(p, planes, p.images);
-  at::parallel_for(0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
-    steps.build(p, planes, 0, p.images, begin, end);
-  });
+  for (int phase = 0; phase < 2; ++phase)  // phase 1 reads what all of phase 0 wrote
+    at::parallel_for(0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
+      steps.build(p, planes, 0, p.images, begin, end, phase);
+    });
   if (tiles >= 2 * threads) {  // enough tiles to share
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       static thread_local Buffer stage_buffer;
@@ -275,6 +289,7 @@ constexpr int kMaxQ = 1;
 using scalar::finish_block;
 using scalar::lanes_to_vectors;
 using scalar::shift_row;
+using scalar::shifted_vectors;
 #define VEC float
 #define VW 1
 #define VZERO() 0.0f
@@ -294,6 +309,7 @@ constexpr int kMaxQ = 1;  // 6 filters x 2 vectors of 8 pixels = 12 of the 16 re
 using scalar::finish_block;
 using scalar::lanes_to_vectors;
 using scalar::shift_row;
+using scalar::shifted_vectors;
 #define VEC __m256
 #define VW 8
 #define VZERO() _mm256_setzero_ps()
@@ -376,6 +392,17 @@ void shift_row(const float* centre, float* left, float* right, int64_t w16, int6
       _mm512_store_ps(left + at, _mm512_castsi512_ps(_mm512_alignr_epi32(here, before, 15)));  // before[15], here[0..14]
       _mm512_store_ps(right + at, _mm512_castsi512_ps(_mm512_alignr_epi32(after, here, 1)));   // here[1..15], after[0]
     }
+}
+
+void shifted_vectors(const float* low, const float* high, int shift, uint32_t valid, int64_t channels, float* dst) {
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(shift),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 mask = static_cast<__mmask16>(valid);
+  for (int64_t c = 0; c < channels; ++c) {
+    const __m512 a = low ? _mm512_load_ps(low + c * 16) : _mm512_setzero_ps();
+    const __m512 b = high ? _mm512_load_ps(high + c * 16) : _mm512_setzero_ps();
+    _mm512_store_ps(dst + c * 16, _mm512_maskz_permutex2var_ps(mask, a, index, b));
+  }
 }
 
 void finish_block(const Problem& p, const float* const* rows, int count, int64_t at, int64_t out_pixel, int pixels,
