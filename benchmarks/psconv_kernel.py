@@ -9,8 +9,8 @@ folded), batch 64 and 1. Effective GFLOP/s count the dense work
 (2 x MACs of the dense layer) per second; "kept" GFLOP/s the work the kernel
 really does, next to the measured FMA peak of the same vector unit.
 
-Timing: threads pinned, warm-up, median of --runs (batch 64) or 5x that
-(batch 1). Run it on an idle machine.
+Timing: threads pinned, warm-up, then kernel and dense calls alternate, median of
+--runs each (batch 64) or 5x that (batch 1). Run it on an idle machine.
 
     .venv/bin/python benchmarks/psconv_kernel.py
 """
@@ -38,17 +38,21 @@ LAYERS = [(64, 64, 32, 1), (64, 128, 32, 2), (128, 128, 16, 1), (128, 256, 16, 2
 MODELS = ["PS4_P4", "PSD1_P16", "PS1_P9"]
 
 
-def seconds(fn, runs: int, warmup_seconds: float = 0.3) -> float:
+def paired_seconds(fns: list, runs: int, warmup_seconds: float = 0.3) -> list[float]:
+    """Median seconds of each function, timed in alternating rounds (one call of each per round):
+    when the host takes CPU time from this VM, it slows the compared calls alike."""
     with torch.no_grad():
         started = time.perf_counter()
         while time.perf_counter() - started < warmup_seconds:
-            fn()
-        times = []
+            for fn in fns:
+                fn()
+        times: list[list[float]] = [[] for _ in fns]
         for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return median(times)
+            for fn, spent in zip(fns, times):
+                t = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - t)
+    return [median(spent) for spent in times]
 
 
 def layer_rows(threads: int, runs: int) -> list[dict]:
@@ -65,9 +69,9 @@ def layer_rows(threads: int, runs: int) -> list[dict]:
             x = torch.randn(batch, c_in, size, size)
             x_last = x.contiguous(memory_format=torch.channels_last)
             n = runs if batch > 1 else 5 * runs
-            dense_nchw = seconds(lambda: F.conv2d(x, weight, bias, stride, 1), n)
-            dense_last = seconds(lambda: F.conv2d(x_last, weight, bias, stride, 1), n)
-            sparse = seconds(lambda: kernel(x_last), n)
+            dense_nchw, dense_last, sparse = paired_seconds(
+                [lambda: F.conv2d(x, weight, bias, stride, 1), lambda: F.conv2d(x_last, weight, bias, stride, 1),
+                 lambda: kernel(x_last)], n)
             dense_flops = 2 * batch * c_out * c_in * 9 * out_size * out_size
             kept_flops = 2 * batch * kept * out_size * out_size
             best = min(dense_nchw, dense_last)
@@ -98,8 +102,7 @@ def model_rows(threads: int, runs: int) -> list[dict]:
             n = runs if batch > 1 else 5 * runs
             with torch.no_grad():
                 assert torch.allclose(deployed(x), model(x), rtol=1e-3, atol=1e-3)
-            dense_s = seconds(lambda: dense(x), n)
-            sparse_s = seconds(lambda: deployed(x), n)
+            dense_s, sparse_s = paired_seconds([lambda: dense(x), lambda: deployed(x)], n)
             rows.append({"model": f"resnet18 {spec}", "batch": batch, "threads": threads, "dense_ms": 1e3 * dense_s,
                          "deployed_ms": 1e3 * sparse_s, "speedup": dense_s / sparse_s,
                          "mac_ratio": dense_macs / macs})
@@ -171,7 +174,7 @@ def main() -> None:
     header = (f"{machine_line()}; kernel instruction set {extension.isa()}; measured FMA peak "
               + ", ".join(f"{peaks[t]:.0f} GFLOP/s on {t} thread(s)" for t in args.threads)
               + " (at the end: " + ", ".join(f"{peaks_after[t]:.0f}" for t in args.threads) + ")"
-              + f". Median of {args.runs} runs at batch 64, {5 * args.runs} at batch 1, after 0.3 s of warm-up."
+              + f". Median of {args.runs} runs at batch 64, {5 * args.runs} at batch 1, kernel and dense calls alternating, after 0.3 s of warm-up."
               + contention_note(peaks, peaks_after))
     block = f"{header}\n\n{markdown(layers, models, peaks)}"
     print(block)

@@ -201,18 +201,19 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   const int64_t batch_pixels = p.by_row ? image_pixels : batch * image_pixels;
   int q = max_q;  // pixel vectors per tile: no more than the pixels need
   while (q > 1 && (q / 2) * kPixelVector >= batch_pixels) q /= 2;
-  p.plane_vectors = p.by_row ? batch * (p.in_h + 2) * w16 + max_q + 2
-                             : (batch * image_pixels + kPixelVector - 1) / kPixelVector + max_q;
+  // Vectors per plane: the batch's own, then slack that a batch's last tile may read past its
+  // end (q vectors; at stride 1 on padded rows also into the next image's rows, harmlessly).
+  p.plane_vectors = p.by_row ? batch * (p.in_h + 2) * w16 + q : tiles_in_batch(p, batch, q) * q;
   p.vector_stride = (p.in_channels + 1) * kPixelVector;
   p.plane_stride = p.plane_vectors * p.vector_stride + 7 * kPixelVector;
   const int64_t plane_floats = p.planes * p.plane_stride;
   TORCH_CHECK(plane_floats < (int64_t(1) << 31), "pSConv kernel: the input is too large for 32-bit offsets");
+  int32_t tap_offset[9];  // where each tap's vectors start, from a tile's first vector
+  for (int t = 0; t < 9; ++t)
+    tap_offset[t] = static_cast<int32_t>(p.by_row ? (t % 3) * p.plane_stride + (t / 3) * w16 * p.vector_stride
+                                                  : t * p.plane_stride);
   std::vector<int32_t> offsets(static_cast<size_t>(pairs));
-  for (int64_t e = 0; e < pairs; ++e) {
-    const int64_t dy = taps[e] / 3, dx = taps[e] % 3;
-    const int64_t at = p.by_row ? dx * p.plane_stride + dy * w16 * p.vector_stride : taps[e] * p.plane_stride;
-    offsets[e] = static_cast<int32_t>(at + channels[e] * kPixelVector);
-  }
+  for (int64_t e = 0; e < pairs; ++e) offsets[e] = tap_offset[taps[e]] + channels[e] * kPixelVector;
   p.offsets = offsets.data();
   std::vector<int64_t> segment_weight(static_cast<size_t>(p.segments));
   for (int64_t s = 0, at = 0; s < p.segments; ++s) {
