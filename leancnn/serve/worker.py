@@ -59,9 +59,11 @@ def serve_forever(conn, zoo: str, policy: str, fixed: str | None, threads: int |
     """The worker process's main loop."""
     import torch
 
+    from ..allocator import keep_freed_memory
     from ..zoo.runtime import Runtime
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server stops it with QUIT or by closing the pipe
+    keep_freed_memory()   # each answer's activations reuse the last one's memory: no page faults
     try:
         if cpus:
             os.sched_setaffinity(0, cpus)
