@@ -154,6 +154,15 @@ def test_one_thread_and_two_give_the_same_result():
         assert relative_error(results[0], reference(conv, x, True)) < 1e-5
 
 
+@needs_kernel
+def test_kernel_rejects_a_pack_made_for_other_input_channels():
+    layer = PSConvInference(random_layer(48, 16, 1, "PS4_P4"))
+    with pytest.raises(RuntimeError, match="segments must cover the input channels"):
+        EXTENSION.forward(torch.randn(1, 16, 4, 4), layer.packed_weights, layer.packed_channels, layer.packed_taps,
+                          layer.packed_chunk_slot, layer.packed_segment_pair, layer.packed_bias,
+                          layer.packed_position, 1, False, None)
+
+
 def test_fallback_when_the_kernel_is_missing(monkeypatch):
     conv = random_layer(12, 20, 2, "PSD4_P8")
     monkeypatch.setattr(kernel_module, "psconv_extension", lambda: None)
@@ -185,13 +194,12 @@ def test_pack_lists_only_kept_taps():
     conv = random_layer(48, 32, 1, "PS4_P4")
     packed = kernel_module.pack(conv.weight.detach(), conv.mask, None)
     # Periodic PS4: 4 support groups of 8 filters, each cut into chunks of 4 and 4; every chunk
-    # lists 48 channels x 4 taps, in segments of 32 and 16 channels.
-    assert kernel_module.channel_block(conv.mask) == 32
+    # lists 48 channels x 4 taps, in segments of 16 channels (3 blocks x 8 chunks).
     slots = packed["chunk_slot"].tolist()
     assert slots == [0, 4, 8, 12, 16, 20, 24, 28, 32]
     pairs = packed["segment_pair"]
-    assert len(pairs) == 2 * 8 + 1 and packed["channels"].numel() == 8 * 48 * 4
-    assert ((pairs[1:9] - pairs[:8]) == 32 * 4).all() and ((pairs[9:] - pairs[8:-1]) == 16 * 4).all()
+    assert len(pairs) == 3 * 8 + 1 and packed["channels"].numel() == 8 * 48 * 4
+    assert ((pairs[1:] - pairs[:-1]) == 16 * 4).all()
     assert packed["weights"].numel() == 32 * 48 * 4  # one weight per kept tap, nothing padded
     position = packed["position"].long()
     assert sorted(position.tolist()) == list(range(32))  # every filter has its own slot
@@ -199,11 +207,11 @@ def test_pack_lists_only_kept_taps():
     for chunk in range(8):  # the filters of a chunk share their support row
         members = torch.nonzero((position >= slots[chunk]) & (position < slots[chunk + 1])).flatten()
         assert (rows[members] == rows[members[0]]).all()
-    for segment in range(16):  # a segment's channels lie in its channel block, and only kept taps
+    for segment in range(24):  # a segment's channels lie in its channel block, and only kept taps
         chunk, block = segment % 8, segment // 8
         channel = packed["channels"][pairs[segment]:pairs[segment + 1]].long()
         tap = packed["taps"][pairs[segment]:pairs[segment + 1]].long()
-        assert ((channel >= 32 * block) & (channel < 32 * block + 32)).all()
+        assert ((channel >= 16 * block) & (channel < 16 * block + 16)).all()
         member = torch.nonzero(position == slots[chunk]).item()
         assert conv.mask[member].reshape(48, 9)[channel, tap].all()
 

@@ -24,19 +24,10 @@ def kernel_applies(conv: nn.Module) -> bool:
 
 # Filters per chunk: the kernel's register tile is chunk x 4 pixel vectors (24 of AVX-512's 32 registers).
 MAX_CHUNK = 6
-# (tap, channel) pairs per segment: a segment's input channels are all its chunk's
-# pairs from one block of channels. Blocks keep a tile's plane vectors for those channels in
-# L1 while every chunk uses them (resnet18-PS4_P4 at batch 64: 239 ms with 32-channel blocks,
-# 312 ms without); long enough that the accumulators' reload between blocks stays cheap.
-SEGMENT_PAIRS = 128
-
-
-def channel_block(mask: torch.Tensor) -> int:
-    """Input channels per segment: about SEGMENT_PAIRS pairs for a chunk (32 channels at 4 taps,
-    128 at 1 tap)."""
-    out_channels, in_channels = mask.shape[:2]
-    taps_per_kernel = float(mask.sum()) / max(1, out_channels * in_channels)
-    return max(16, min(256, int(SEGMENT_PAIRS / max(taps_per_kernel, 0.5))))
+# Input channels per segment. The kernel runs a chunk over several consecutive segments at a
+# time, as many as keep a tile's plane vectors for those channels in L1 while every chunk uses
+# them, and at least enough for ~128 pairs per pass (it decides per input shape).
+CHANNEL_BLOCK = 16
 
 
 def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
@@ -51,7 +42,7 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) ->
     """The layer as the kernel reads it: filters grouped by support row (the taps each input
     channel uses), each group cut into chunks of at most MAX_CHUNK filters; per chunk the
     (tap, channel) pairs its filters use, channel by channel, with the chunk's weights per pair,
-    cut into segments of channel_block() input channels.
+    cut into segments of CHANNEL_BLOCK input channels.
     weight, mask: [C_out, C_in, 3, 3]."""
     out_channels, in_channels = weight.shape[:2]
     rows = mask.reshape(out_channels, -1)
@@ -62,13 +53,12 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) ->
     for group in range(int(group_of.max()) + 1 if out_channels else 0):
         members = torch.nonzero(group_of == group).flatten()
         chunks += [(chunk, taps_mask[chunk].any(dim=0)) for chunk in members.split(chunk_sizes(len(members)))]
-    # Segments: channel block by channel block, every chunk's pairs in that block, channel by
-    # channel: a tile's inputs for one block of channels stay in L1 while all chunks use them.
+    # Segments: channel block by channel block (CHANNEL_BLOCK input channels), every chunk's pairs
+    # in that block, channel by channel: the weights of a tile's passes are read in one stream.
     pairs, channels, taps, weights = [0], [], [], []
-    block_channels = channel_block(mask)
-    for first_channel in range(0, in_channels, block_channels):
+    for first_channel in range(0, in_channels, CHANNEL_BLOCK):
         for chunk, used in chunks:
-            block = used[first_channel:first_channel + block_channels]
+            block = used[first_channel:first_channel + CHANNEL_BLOCK]
             channel_index, tap_index = torch.nonzero(block, as_tuple=True)
             channel_index = channel_index + first_channel
             weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -49,6 +50,15 @@ namespace {
 
 constexpr int kPixelVector = 16;  // output pixels per plane vector
 constexpr int kMaxChunk = 6;      // filters per chunk (pack() cuts groups to this)
+constexpr int kChannelBlock = 16; // input channels per segment (pack()'s CHANNEL_BLOCK)
+constexpr int kMaxBlocksPerPass = 64;  // channel blocks one pass may run through (1024 channels)
+
+// A run of pairs of one chunk: its offsets, weights ([pairs][R]) and count.
+struct Segment {
+  const int32_t* offsets;
+  const float* weight;
+  int32_t pairs;
+};
 
 struct Problem {
   const float* input;          // [N, H, W, C_in] channels_last
@@ -62,6 +72,7 @@ struct Problem {
   const float* residual;       // [N, OH, OW, C_out] added before the ReLU, or nullptr
   float* output;               // [N, OH, OW, C_out]
   int64_t images, in_h, in_w, in_channels, out_h, out_w, out_channels, chunks, segments, stride;
+  int64_t blocks_per_pass;     // channel blocks a chunk runs through between reloads of its sums
   bool relu;
   bool by_row;                 // 3 planes over padded rows (stride 1, W % 16 == 0), else 9 tap planes
   // Plane geometry in floats. Both strides are padded past a power of two: with C_in = 64 a
@@ -222,6 +233,15 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
     at += int64_t(p.segment_pair[s + 1] - p.segment_pair[s]) * (p.chunk_slot[k + 1] - p.chunk_slot[k]);
   }
   p.segment_weight = segment_weight.data();
+  const int64_t blocks = p.chunks ? p.segments / p.chunks : 0;
+  // Channel blocks per pass: a tile's plane vectors for those channels (64 bytes each, for every
+  // plane and row shift a tile reads) within 32 KB of L1, or more blocks where a chunk has few pairs
+  // per block (1-tap supports), so that a pass holds ~128 pairs and reloading the sums stays cheap.
+  const int64_t vectors_per_channel = p.by_row ? 3 * (q + 2 * w16) : 9 * q;
+  const int64_t fit = std::max<int64_t>(1, (32 * 1024) / (kChannelBlock * vectors_per_channel * 64));
+  const double pairs_per_block = blocks ? double(pairs) / double(p.chunks * blocks) : 1.0;
+  const int64_t enough = static_cast<int64_t>(std::ceil(128.0 / std::max(pairs_per_block, 1.0)));
+  p.blocks_per_pass = std::max<int64_t>(1, std::min({blocks, std::max(fit, enough), int64_t(kMaxBlocksPerPass)}));
   const int64_t stage_floats = int64_t(p.chunk_slot[p.chunks]) * q * kPixelVector;
   const int64_t tiles = tiles_in_batch(p, batch, q);
   if (per_batch) {
@@ -487,6 +507,8 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
   const int64_t chunks = chunk_slot.numel() - 1, segments = segment_pair.numel() - 1;
   TORCH_CHECK(chunks >= 0 && segments >= 0 && (chunks == 0 ? segments == 0 : segments % chunks == 0),
               "pSConv kernel: one segment per chunk and channel block");
+  TORCH_CHECK(chunks == 0 || segments / chunks == (input.size(1) + kChannelBlock - 1) / kChannelBlock,
+              "pSConv kernel: segments must cover the input channels in blocks of ", kChannelBlock);
   const int32_t* slot = chunk_slot.data_ptr<int32_t>();
   const int32_t* pair = segment_pair.data_ptr<int32_t>();
   int64_t weight_count = 0;
@@ -523,7 +545,7 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
   const bool by_row = stride == 1 && w % kPixelVector == 0;
   Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, pair, nullptr,
             position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
-            output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, segments, stride, relu, by_row,
+            output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, segments, stride, 1, relu, by_row,
             by_row ? 3 : 9, 0, 0};
   const int32_t* channel = channels.data_ptr<int32_t>();
   const int32_t* tap = taps.data_ptr<int32_t>();
