@@ -12,13 +12,17 @@
 // offset and its 16 inputs one aligned load:
 //   - stride 1 on maps a multiple of 16 wide: 3 planes, one per column tap dx,
 //     over the zero-padded rows (a row tap dy is a shift of dy * W / 16 vectors);
-//   - otherwise: 9 planes, one per tap, at output resolution, across images.
+//   - otherwise: 9 planes, one per tap, at output resolution, across images (at
+//     stride 1 only the centre one is rearranged; the other eight are lane
+//     shifts of it, zero where the tap falls in the padding).
 // Plane layout: [plane][vector][channel][16 floats]. A chunk of R filters on a tile
 // of Q pixel vectors does, per pair, Q loads, R broadcasts and R x Q FMAs in
 // registers (AVX-512: 6 x 4 = 24 accumulators); no lane is ever a filter that
 // skips the tap, whatever the group sizes (PSD and PS1 groups hold 4-8 filters in
-// 64-channel layers). The tile's results are transposed back to channels_last
-// with bias, residual and ReLU. Why not vectorise over filters (the first
+// 64-channel layers). Pairs come in segments of 16 input channels; a chunk runs
+// through a few segments per pass (as many as keep the tile's inputs for them in
+// L1) before its sums go back to the stage. The tile's results are transposed
+// back to channels_last with bias, residual and ReLU. Why not vectorise over filters (the first
 // version): there each broadcast input feeds one FMA per 16 filters, and an FMA
 // with a broadcast memory operand ran at half the FMA rate on this project's
 // AVX-512 machine (83 vs 155 GFLOP/s, measured); 4-filter groups also left 12 of
@@ -76,15 +80,10 @@ struct Problem {
   bool relu;
   bool by_row;                 // 3 planes over padded rows (stride 1, W % 16 == 0), else 9 tap planes
   // Plane geometry in floats. Both strides are padded past a power of two: with C_in = 64 a
-  // pixel vector is 4 KB, and every load of a pair (Q vectors, 3 or 9 planes) fell in one L1 set.
+  // pixel vector would be 4 KB, and every load of a pair (Q vectors, 3 or 9 planes) would map
+  // to one L1 set.
   int64_t planes, plane_vectors, vector_stride, plane_stride;
 };
-
-// Asks for `floats` floats from `at` on to be brought into cache (the input is read once per
-// call, usually from memory: the hardware prefetcher alone left the plane build waiting on it).
-inline void prefetch_row(const float* at, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(at + i, 0, 3);
-}
 
 namespace scalar {
 // dst[c][l] = lane l's channel c (zero for a null lane): 16 pixels into pixel vectors.
@@ -93,8 +92,9 @@ void lanes_to_vectors(const float* const* src, int64_t channels, float* dst) {
     for (int l = 0; l < kPixelVector; ++l) dst[c * kPixelVector + l] = src[l] ? src[l][c] : 0.0f;
 }
 
-// One padded row of plane dx = 1 (`centre`, w16 pixel vectors of `channels`, `vector_floats` apart) shifted by one pixel
-// into planes dx = 0 (`left`: x - 1) and dx = 2 (`right`: x + 1), zeros coming in at the ends.
+// One padded row of plane dx = 1 (`centre`: w16 pixel vectors of `channels`, `vector_floats`
+// apart) shifted by one pixel into planes dx = 0 (`left`: x - 1) and dx = 2 (`right`: x + 1),
+// zeros coming in at the ends.
 void shift_row(const float* centre, float* left, float* right, int64_t w16, int64_t channels, int64_t vector_floats) {
   const int64_t last = w16 * kPixelVector - 1;
   for (int64_t c = 0; c < channels; ++c)
