@@ -159,8 +159,8 @@ def test_kernel_rejects_a_pack_made_for_other_input_channels():
     layer = PSConvInference(random_layer(48, 16, 1, "PS4_P4"))
     with pytest.raises(RuntimeError, match="segments must cover the input channels"):
         EXTENSION.forward(torch.randn(1, 16, 4, 4), layer.packed_weights, layer.packed_channels, layer.packed_taps,
-                          layer.packed_chunk_slot, layer.packed_segment_pair, layer.packed_bias,
-                          layer.packed_position, 1, False, None)
+                          layer.packed_chunk_slot, layer.packed_chunk_group, layer.packed_segment_pair,
+                          layer.packed_bias, layer.packed_position, 1, False, None)
 
 
 def test_fallback_when_the_kernel_is_missing(monkeypatch):
@@ -193,12 +193,13 @@ def test_no_compiler_warns_once_and_returns_none(monkeypatch):
 def test_pack_lists_only_kept_taps():
     conv = random_layer(48, 32, 1, "PS4_P4")
     packed = kernel_module.pack(conv.weight.detach(), conv.mask, None)
-    # Periodic PS4: 4 support groups of 8 filters, each cut into chunks of 4 and 4; every chunk
-    # lists 48 channels x 4 taps, in segments of 16 channels (3 blocks x 8 chunks).
+    # Periodic PS4: 4 support groups of 8 filters, each cut into chunks of 4 and 4; every group
+    # lists 48 channels x 4 taps once for its chunks, in segments of 16 channels (3 blocks x 4 groups).
     slots = packed["chunk_slot"].tolist()
     assert slots == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    assert packed["chunk_group"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     pairs = packed["segment_pair"]
-    assert len(pairs) == 3 * 8 + 1 and packed["channels"].numel() == 8 * 48 * 4
+    assert len(pairs) == 3 * 4 + 1 and packed["channels"].numel() == 4 * 48 * 4
     assert ((pairs[1:] - pairs[:-1]) == 16 * 4).all()
     assert packed["weights"].numel() == 32 * 48 * 4  # one weight per kept tap, nothing padded
     position = packed["position"].long()
@@ -207,12 +208,12 @@ def test_pack_lists_only_kept_taps():
     for chunk in range(8):  # the filters of a chunk share their support row
         members = torch.nonzero((position >= slots[chunk]) & (position < slots[chunk + 1])).flatten()
         assert (rows[members] == rows[members[0]]).all()
-    for segment in range(24):  # a segment's channels lie in its channel block, and only kept taps
-        chunk, block = segment % 8, segment // 8
+    for segment in range(12):  # a segment's channels lie in its channel block, and only kept taps
+        group, block = segment % 4, segment // 4
         channel = packed["channels"][pairs[segment]:pairs[segment + 1]].long()
         tap = packed["taps"][pairs[segment]:pairs[segment + 1]].long()
         assert ((channel >= 16 * block) & (channel < 16 * block + 16)).all()
-        member = torch.nonzero(position == slots[chunk]).item()
+        member = torch.nonzero(position == slots[2 * group]).item()
         assert conv.mask[member].reshape(48, 9)[channel, tap].all()
 
 

@@ -40,46 +40,49 @@ def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
 @torch.no_grad()
 def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The layer as the kernel reads it: filters grouped by support row (the taps each input
-    channel uses), each group cut into chunks of at most MAX_CHUNK filters; per chunk the
-    (tap, channel) pairs its filters use, channel by channel, with the chunk's weights per pair,
-    cut into segments of CHANNEL_BLOCK input channels.
+    channel uses); per group the (tap, channel) pairs its filters use, channel by channel, in
+    segments of CHANNEL_BLOCK input channels; each group cut into chunks of at most MAX_CHUNK
+    filters, whose weights are listed per pair of their group.
     weight, mask: [C_out, C_in, 3, 3]."""
     out_channels, in_channels = weight.shape[:2]
     rows = mask.reshape(out_channels, -1)
     _, group_of = torch.unique(rows, dim=0, return_inverse=True)
     taps_weight = (weight * mask).reshape(out_channels, in_channels, TAPS).float()
     taps_mask = mask.reshape(out_channels, in_channels, TAPS)
-    chunks = []  # (filters, [C_in, 9] taps they use)
+    used_by_group, chunks = [], []  # [C_in, 9] taps per group; (filters, group) per chunk
     for group in range(int(group_of.max()) + 1 if out_channels else 0):
         members = torch.nonzero(group_of == group).flatten()
-        chunks += [(chunk, taps_mask[chunk].any(dim=0)) for chunk in members.split(chunk_sizes(len(members)))]
-    # Segments: channel block by channel block (CHANNEL_BLOCK input channels), every chunk's pairs
-    # in that block, channel by channel: the weights of a tile's passes are read in one stream.
+        used_by_group.append(taps_mask[members[0]])  # every member has this support row
+        chunks += [(chunk, group) for chunk in members.split(chunk_sizes(len(members)))]
+    # Channel block by channel block: each group's pairs in the block (shared by its chunks), and
+    # each chunk's weights for them, so that a tile's passes read the weights in one stream.
     pairs, channels, taps, weights = [0], [], [], []
     for first_channel in range(0, in_channels, CHANNEL_BLOCK):
-        for chunk, used in chunks:
-            block = used[first_channel:first_channel + CHANNEL_BLOCK]
-            channel_index, tap_index = torch.nonzero(block, as_tuple=True)
-            channel_index = channel_index + first_channel
-            weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]
-            channels.append(channel_index)
+        block_pairs = []
+        for used in used_by_group:
+            channel_index, tap_index = torch.nonzero(used[first_channel:first_channel + CHANNEL_BLOCK], as_tuple=True)
+            block_pairs.append((channel_index + first_channel, tap_index))
+            channels.append(channel_index + first_channel)
             taps.append(tap_index)
             pairs.append(pairs[-1] + len(channel_index))
+        for chunk, group in chunks:
+            channel_index, tap_index = block_pairs[group]
+            weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]
     slots = [0]
     for chunk, _ in chunks:
         slots.append(slots[-1] + len(chunk))
-    order = [chunk for chunk, _ in chunks]
 
     def cat(parts: list[torch.Tensor], dtype) -> torch.Tensor:
         return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype).contiguous()
 
     position = torch.zeros(out_channels, dtype=torch.int32)
-    position[cat(order, torch.long)] = torch.arange(out_channels, dtype=torch.int32)
+    position[cat([chunk for chunk, _ in chunks], torch.long)] = torch.arange(out_channels, dtype=torch.int32)
     return {
         "weights": cat(weights, torch.float32),
         "channels": cat(channels, torch.int32),
         "taps": cat(taps, torch.int32),
         "chunk_slot": torch.tensor(slots, dtype=torch.int32),
+        "chunk_group": torch.tensor([group for _, group in chunks], dtype=torch.int32),
         "segment_pair": torch.tensor(pairs, dtype=torch.int32),
         "bias": (torch.zeros(out_channels) if bias is None else bias.detach().float().cpu()).contiguous(),
         "position": position,
@@ -124,7 +127,8 @@ class PSConvInference(nn.Module):
                 out = out + residual
             return F.relu(out) if self.relu else out
         return extension.forward(x, self.packed_weights, self.packed_channels, self.packed_taps,
-                                 self.packed_chunk_slot, self.packed_segment_pair, self.packed_bias,
+                                 self.packed_chunk_slot, self.packed_chunk_group, self.packed_segment_pair,
+                                 self.packed_bias,
                                  self.packed_position, self.stride, self.relu, residual)
 
     def leancnn_cost(self, inputs: tuple, output: torch.Tensor) -> LayerCost:
@@ -132,8 +136,9 @@ class PSConvInference(nn.Module):
         taps = int(self.mask.sum())
         bias = 0 if self.bias is None else self.bias.numel()
         nonzero = int(torch.count_nonzero(self.weight)) + (0 if self.bias is None else int(torch.count_nonzero(self.bias)))
-        # Kept weights and bias, then per pair a channel (4 bytes) and a tap (1), per chunk and segment a table entry.
-        storage = (taps + bias) * FP32_BYTES + self.packed_channels.numel() * 5 + (self.packed_chunk_slot.numel() + self.packed_segment_pair.numel()) * 4
+        # Kept weights and bias; per pair of a group a channel (4 bytes) and a tap (1); table entries.
+        tables = self.packed_chunk_slot.numel() + self.packed_chunk_group.numel() + self.packed_segment_pair.numel()
+        storage = (taps + bias) * FP32_BYTES + self.packed_channels.numel() * 5 + tables * 4
         return LayerCost(self.weight.numel() * uses, taps * uses, self.weight.numel() + bias, nonzero,
                          storage, "psconv_packed")
 

@@ -4,9 +4,9 @@
 //
 // Plan: vectorise over output pixels, not filters. The filters of a layer are
 // grouped by support (the taps each input channel uses; periodic pSConv gives P
-// groups) and each group is cut into chunks of at most 6 filters
-// (leancnn/kernels/psconv.py: pack()). A chunk lists the (tap, channel) pairs it
-// uses and, per pair, its filters' weights. The input is rearranged once per call
+// groups); a group lists the (tap, channel) pairs its filters use, and is cut into
+// chunks of at most 6 filters with their weights per pair
+// (leancnn/kernels/psconv.py: pack()). The input is rearranged once per call
 // (per image batch, in cache) into "planes" of pixel vectors: 16 consecutive
 // output pixels' values of one input channel for one tap, so that a pair is one
 // offset and its 16 inputs one aligned load:
@@ -69,13 +69,14 @@ struct Problem {
   const float* weights;        // per chunk: [pairs][R]
   const int32_t* offsets;      // [pairs]: floats from a tile's first plane vector
   const int32_t* chunk_slot;   // [chunks + 1]: first stage row (slot) of each chunk
-  const int32_t* segment_pair; // [segments + 1]: first pair of each segment (channel block b, chunk k: b * chunks + k)
-  const int64_t* segment_weight;  // [segments]: first weight of each segment
+  const int32_t* chunk_group;  // [chunks]: the support group whose pairs the chunk uses
+  const int32_t* segment_pair; // [blocks * groups + 1]: first pair of group g in channel block b (b * groups + g)
+  const int64_t* segment_weight;  // [blocks * chunks]: first weight of chunk k in channel block b (b * chunks + k)
   const int32_t* position;     // [C_out]: slot of filter f
   const float* bias;           // [C_out]
   const float* residual;       // [N, OH, OW, C_out] added before the ReLU, or nullptr
   float* output;               // [N, OH, OW, C_out]
-  int64_t images, in_h, in_w, in_channels, out_h, out_w, out_channels, chunks, segments, stride;
+  int64_t images, in_h, in_w, in_channels, out_h, out_w, out_channels, chunks, groups, blocks, stride;
   int64_t blocks_per_pass;     // channel blocks a chunk runs through between reloads of its sums
   bool relu;
   bool by_row;                 // 3 planes over padded rows (stride 1, W % 16 == 0), else 9 tap planes
@@ -226,20 +227,21 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   std::vector<int32_t> offsets(static_cast<size_t>(pairs));
   for (int64_t e = 0; e < pairs; ++e) offsets[e] = tap_offset[taps[e]] + channels[e] * kPixelVector;
   p.offsets = offsets.data();
-  std::vector<int64_t> segment_weight(static_cast<size_t>(p.segments));
-  for (int64_t s = 0, at = 0; s < p.segments; ++s) {
-    segment_weight[s] = at;
-    const int64_t k = s % p.chunks;
-    at += int64_t(p.segment_pair[s + 1] - p.segment_pair[s]) * (p.chunk_slot[k + 1] - p.chunk_slot[k]);
-  }
+  std::vector<int64_t> segment_weight(static_cast<size_t>(p.blocks * p.chunks));
+  for (int64_t b = 0, at = 0; b < p.blocks; ++b)
+    for (int64_t k = 0; k < p.chunks; ++k) {
+      segment_weight[b * p.chunks + k] = at;
+      const int64_t s = b * p.groups + p.chunk_group[k];
+      at += int64_t(p.segment_pair[s + 1] - p.segment_pair[s]) * (p.chunk_slot[k + 1] - p.chunk_slot[k]);
+    }
   p.segment_weight = segment_weight.data();
-  const int64_t blocks = p.chunks ? p.segments / p.chunks : 0;
+  const int64_t blocks = p.blocks;
   // Channel blocks per pass: a tile's plane vectors for those channels (64 bytes each, for every
   // plane and row shift a tile reads) within 32 KB of L1, or more blocks where a chunk has few pairs
   // per block (1-tap supports), so that a pass holds ~128 pairs and reloading the sums stays cheap.
   const int64_t vectors_per_channel = p.by_row ? 3 * (q + 2 * w16) : 9 * q;
   const int64_t fit = std::max<int64_t>(1, (32 * 1024) / (kChannelBlock * vectors_per_channel * 64));
-  const double pairs_per_block = blocks ? double(pairs) / double(p.chunks * blocks) : 1.0;
+  const double pairs_per_block = blocks ? double(pairs) / double(p.groups * blocks) : 1.0;
   const int64_t enough = static_cast<int64_t>(std::ceil(128.0 / std::max(pairs_per_block, 1.0)));
   p.blocks_per_pass = std::max<int64_t>(1, std::min({blocks, std::max(fit, enough), int64_t(kMaxBlocksPerPass)}));
   const int64_t stage_floats = int64_t(p.chunk_slot[p.chunks]) * q * kPixelVector;
@@ -495,31 +497,39 @@ const char* isa_name(Isa isa) {
 }
 
 torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
-                      torch::Tensor chunk_slot, torch::Tensor segment_pair, torch::Tensor bias, torch::Tensor position,
-                      int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual) {
+                      torch::Tensor chunk_slot, torch::Tensor chunk_group, torch::Tensor segment_pair, torch::Tensor bias,
+                      torch::Tensor position, int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
   TORCH_CHECK(weights.is_contiguous() && channels.is_contiguous() && taps.is_contiguous() && chunk_slot.is_contiguous() &&
-                  segment_pair.is_contiguous() && bias.is_contiguous() && position.is_contiguous(),
+                  chunk_group.is_contiguous() && segment_pair.is_contiguous() && bias.is_contiguous() &&
+                  position.is_contiguous(),
               "pSConv kernel: packed tensors must be contiguous");
   TORCH_CHECK(channels.numel() == taps.numel(), "pSConv kernel: one channel and one tap per pair");
-  const int64_t chunks = chunk_slot.numel() - 1, segments = segment_pair.numel() - 1;
-  TORCH_CHECK(chunks >= 0 && segments >= 0 && (chunks == 0 ? segments == 0 : segments % chunks == 0),
-              "pSConv kernel: one segment per chunk and channel block");
-  TORCH_CHECK(chunks == 0 || segments / chunks == (input.size(1) + kChannelBlock - 1) / kChannelBlock,
-              "pSConv kernel: segments must cover the input channels in blocks of ", kChannelBlock);
+  const int64_t chunks = chunk_slot.numel() - 1;
+  TORCH_CHECK(chunks >= 0 && chunk_group.numel() == chunks, "pSConv kernel: one group per chunk");
   const int32_t* slot = chunk_slot.data_ptr<int32_t>();
+  const int32_t* group = chunk_group.data_ptr<int32_t>();
   const int32_t* pair = segment_pair.data_ptr<int32_t>();
-  int64_t weight_count = 0;
-  for (int64_t k = 0; k < chunks; ++k)
+  int64_t groups = 0;
+  for (int64_t k = 0; k < chunks; ++k) {
     TORCH_CHECK(slot[k + 1] - slot[k] >= 1 && slot[k + 1] - slot[k] <= kMaxChunk, "pSConv kernel: a chunk holds 1 to ",
                 kMaxChunk, " filters");
-  for (int64_t s = 0; s < segments; ++s) {
-    TORCH_CHECK(pair[s + 1] >= pair[s], "pSConv kernel: segment pairs must ascend");
-    weight_count += int64_t(pair[s + 1] - pair[s]) * (slot[s % chunks + 1] - slot[s % chunks]);
+    TORCH_CHECK(group[k] >= 0 && group[k] <= groups, "pSConv kernel: chunk groups must count up from 0");
+    groups = std::max<int64_t>(groups, group[k] + 1);
   }
-  TORCH_CHECK(segments == 0 || (pair[0] == 0 && pair[segments] == channels.numel()),
+  const int64_t blocks = (input.size(1) + kChannelBlock - 1) / kChannelBlock;
+  TORCH_CHECK(segment_pair.numel() == blocks * groups + 1,
+              "pSConv kernel: segments must cover the input channels in blocks of ", kChannelBlock, " per group");
+  int64_t weight_count = 0;
+  for (int64_t b = 0; b < blocks && chunks; ++b)
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t s = b * groups + group[k];
+      TORCH_CHECK(pair[s + 1] >= pair[s], "pSConv kernel: segment pairs must ascend");
+      weight_count += int64_t(pair[s + 1] - pair[s]) * (slot[k + 1] - slot[k]);
+    }
+  TORCH_CHECK(chunks == 0 || (pair[0] == 0 && pair[blocks * groups] == channels.numel()),
               "pSConv kernel: segments do not cover the pairs");
   TORCH_CHECK(weights.numel() == weight_count, "pSConv kernel: weights must hold pairs x filters per chunk");
   const int64_t out_channels = position.size(0);
@@ -537,15 +547,16 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
     added = residual->contiguous(at::MemoryFormat::ChannelsLast);
   }
   if (output.numel() == 0) return output;
-  if (c_in == 0 || segments == 0) {  // nothing to add up: bias (+ residual), then the ReLU
+  if (c_in == 0 || chunks == 0 || channels.numel() == 0) {  // nothing to add up: bias (+ residual), then the ReLU
     auto out = bias.view({1, out_channels, 1, 1}).expand_as(output).clone(at::MemoryFormat::ChannelsLast);
     if (added.defined()) out += added;
     return relu ? out.clamp_min_(0) : out;
   }
   const bool by_row = stride == 1 && w % kPixelVector == 0;
-  Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, pair, nullptr,
+  Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, group, pair, nullptr,
             position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
-            output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, segments, stride, 1, relu, by_row,
+            output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, groups, blocks, stride, 1, relu,
+            by_row,
             by_row ? 3 : 9, 0, 0};
   const int32_t* channel = channels.data_ptr<int32_t>();
   const int32_t* tap = taps.data_ptr<int32_t>();
