@@ -73,10 +73,16 @@ def test_attack_restores_training_mode(model_and_data):
     ("pgd:steps=0", "steps must be >= 1"),
     ("pgd:norm=l7", "'l7' is not one of linf, l2"),
     ("pgd:epsilon=0.1", "unknown option 'epsilon'; allowed: eps, step, steps, random_start, norm"),
+    ("fgsm:steps=5", "attack 'fgsm': unknown option 'steps'; allowed: eps, norm"),
 ])
 def test_bad_attack_specs(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_attack(spec)
+
+
+def test_recorded_spec_lists_only_the_options_an_attack_reads():
+    assert parse_attack("fgsm:eps=0.1").spec == "fgsm:eps=0.1,norm=linf"
+    assert parse_attack("pgd:eps=0.1,steps=5").spec == "pgd:eps=0.1,step=None,steps=5,random_start=True,norm=linf"
 
 
 def test_default_eps_by_dataset():

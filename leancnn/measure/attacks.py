@@ -43,6 +43,10 @@ class AttackOptions:
             raise ConfigError(f"attack {name!r}: steps must be >= 1, got {self.steps}")
 
 
+# The options each attack reads: FGSM is one step of size eps, so step, steps and random_start
+# would be recorded in its spec without meaning anything.
+ATTACK_OPTIONS = {"fgsm": ("eps", "norm"), "pgd": ("eps", "step", "steps", "random_start", "norm")}
+
 AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, AttackOptions, torch.Generator | None], torch.Tensor]
 ATTACKS: Registry[AttackFn] = Registry("attack")
 
@@ -106,7 +110,11 @@ class Attack:
 
     @property
     def spec(self) -> str:
-        return format_spec(self.name, self.options)
+        """The attack as recorded in results: only the options it reads."""
+        used = ATTACK_OPTIONS.get(self.name)
+        if used is None:
+            return format_spec(self.name, self.options)
+        return f"{self.name}:" + ",".join(f"{key}={getattr(self.options, key)}" for key in used)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -123,6 +131,10 @@ def parse_attack(spec: str, dataset: str | None = None) -> Attack:
     """'pgd:eps=0.1,steps=20' -> Attack; eps defaults by dataset."""
     name, raw = split_spec(spec)
     ATTACKS.get(name)  # unknown name -> ConfigError listing the choices
+    allowed = ATTACK_OPTIONS.get(name)
+    for key in raw:
+        if allowed is not None and key not in allowed:
+            raise ConfigError(f"attack {name!r}: unknown option {key!r}; allowed: {', '.join(allowed)}")
     options = build_options(AttackOptions, raw, f"attack {name!r}")
     options.check(name)
     if options.eps is None:
