@@ -32,8 +32,10 @@ SUPPORTS = {
 SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 70, 2, 2, 1, 2),
           (33, 65, 7, 7, 2, 2), (64, 64, 8, 8, 1, 1), (48, 128, 6, 5, 2, 4), (3, 5, 3, 3, 1, 5),
           (16, 24, 16, 17, 1, 2), (64, 64, 5, 20, 1, 3), (16, 16, 16, 16, 2, 1),
-          # stride 1 on maps a multiple of 16 wide: planes over padded rows, one image or many
+          # stride 1 on maps a multiple of 16 wide (stride 2: of 32): planes over padded rows, one
+          # image or many, one or two pixel vectors per output row
           (32, 48, 19, 16, 1, 1), (24, 40, 8, 16, 1, 5), (20, 36, 3, 32, 1, 4),
+          (16, 24, 6, 32, 2, 2), (20, 36, 7, 64, 2, 5),
           # many small images: each thread rearranges its own batch of images (the last one short)
           (16, 16, 2, 3, 1, 40), (40, 24, 9, 9, 2, 12)]
 

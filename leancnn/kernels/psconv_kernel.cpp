@@ -10,8 +10,10 @@
 // (per image batch, in cache) into "planes" of pixel vectors: 16 consecutive
 // output pixels' values of one input channel for one tap, so that a pair is one
 // offset and its 16 inputs one aligned load:
-//   - stride 1 on maps a multiple of 16 wide: 3 planes, one per column tap dx,
-//     over the zero-padded rows (a row tap dy is a shift of dy * W / 16 vectors);
+//   - maps whose output rows are whole pixel vectors (W a multiple of 16 at stride
+//     1, of 32 at stride 2): 3 planes, one per column tap dx, over the zero-padded
+//     input rows (a row tap dy is a shift of dy rows; at stride 2 a plane holds
+//     every other input column, the even ones or the odd ones);
 //   - otherwise: 9 planes, one per tap, at output resolution, across images (at
 //     stride 1 only the centre one is rearranged; the other eight are lane
 //     shifts of it, zero where the tap falls in the padding).
@@ -79,7 +81,9 @@ struct Problem {
   int64_t images, in_h, in_w, in_channels, out_h, out_w, out_channels, chunks, groups, blocks, stride;
   int64_t blocks_per_pass;     // channel blocks a chunk runs through between reloads of its sums
   bool relu;
-  bool by_row;                 // 3 planes over padded rows (stride 1, W % 16 == 0), else 9 tap planes
+  bool by_row;                 // 3 planes over padded rows (W a multiple of 16 x stride), else 9 tap planes
+  int64_t row_vectors;         // by_row: pixel vectors per padded row (output columns / 16)
+  int64_t tile_step;           // floats between a tile's pixel vectors in the planes
   // Plane geometry in floats. Both strides are padded past a power of two: with C_in = 64 a
   // pixel vector would be 4 KB, and every load of a pair (Q vectors, 3 or 9 planes) would map
   // to one L1 set.
@@ -94,8 +98,8 @@ void lanes_to_vectors(const float* const* src, int64_t channels, float* dst) {
 }
 
 // One padded row of plane dx = 1 (`centre`: w16 pixel vectors of `channels`, `vector_floats`
-// apart) shifted by one pixel into planes dx = 0 (`left`: x - 1) and dx = 2 (`right`: x + 1),
-// zeros coming in at the ends.
+// apart) shifted by one pixel into planes dx = 0 (`left`: x - 1) and dx = 2 (`right`: x + 1,
+// unless null), zeros coming in at the ends.
 void shift_row(const float* centre, float* left, float* right, int64_t w16, int64_t channels, int64_t vector_floats) {
   const int64_t last = w16 * kPixelVector - 1;
   for (int64_t c = 0; c < channels; ++c)
@@ -104,7 +108,7 @@ void shift_row(const float* centre, float* left, float* right, int64_t w16, int6
       const int64_t before = ((x - 1) / kPixelVector) * vector_floats + c * kPixelVector + (x - 1) % kPixelVector;
       const int64_t after = ((x + 1) / kPixelVector) * vector_floats + c * kPixelVector + (x + 1) % kPixelVector;
       left[at] = x == 0 ? 0.0f : centre[before];
-      right[at] = x == last ? 0.0f : centre[after];
+      if (right) right[at] = x == last ? 0.0f : centre[after];
     }
 }
 
@@ -163,9 +167,11 @@ Tile tile_at(const Problem& p, const float* planes, int64_t first_image, int64_t
   if (p.by_row) {  // tiles within each image; an image's plane rows start at its top padding row
     const int64_t per_image = (image_pixels + tile_pixels - 1) / tile_pixels;
     const int64_t image = t / per_image, first = (t % per_image) * tile_pixels;
-    const int64_t image_vectors = (p.in_h + 2) * (p.in_w / kPixelVector);
-    return {planes + (image * image_vectors + first / kPixelVector) * p.vector_stride,
-            (first_image + image) * image_pixels + first, std::min(tile_pixels, image_pixels - first)};
+    // Output row oy reads padded rows from stride * oy on.
+    const int64_t oy = first / p.out_w, u = (first % p.out_w) / kPixelVector;
+    const int64_t vector = (image * (p.in_h + 2) + p.stride * oy) * p.row_vectors + u;
+    return {planes + vector * p.vector_stride, (first_image + image) * image_pixels + first,
+            std::min(tile_pixels, image_pixels - first)};
   }
   const int64_t first = t * tile_pixels;  // one plane per tap: tiles run across images
   return {planes + (first / kPixelVector) * p.vector_stride, first_image * image_pixels + first,
@@ -179,7 +185,7 @@ int64_t build_units(const Problem& p, int64_t images) {
 }
 
 void zero_slack(const Problem& p, float* planes, int64_t images) {
-  const int64_t used = p.by_row ? build_units(p, images) * (p.in_w / kPixelVector) : build_units(p, images);
+  const int64_t used = p.by_row ? build_units(p, images) * p.row_vectors : build_units(p, images);
   for (int64_t k = 0; k < p.planes; ++k)
     std::fill(planes + k * p.plane_stride + used * p.vector_stride, planes + (k + 1) * p.plane_stride, 0.0f);
 }
@@ -205,7 +211,7 @@ struct Buffer {
 void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_t pairs, const Steps& steps) {
   const int64_t threads = at::get_num_threads();
   const int64_t image_pixels = p.out_h * p.out_w;
-  const int64_t w16 = p.in_w / kPixelVector;
+  const int64_t w16 = p.row_vectors;
   const int max_q = steps.max_q;
   int64_t batch = p.by_row ? 1 : std::min<int64_t>(p.images, std::max<int64_t>(1, (4 * max_q * kPixelVector) / image_pixels));
   const bool per_batch = (p.images + batch - 1) / batch >= 2 * threads;
@@ -213,11 +219,16 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   const int64_t batch_pixels = p.by_row ? image_pixels : batch * image_pixels;
   int q = max_q;  // pixel vectors per tile: no more than the pixels need
   while (q > 1 && (q / 2) * kPixelVector >= batch_pixels) q /= 2;
+  // At stride 2 a tile's vectors must be a constant distance apart in the planes: one per output
+  // row (each two padded rows on) when a row is one vector, else within one output row.
+  if (p.by_row && p.stride == 2 && w16 > 1)
+    while (q > 1 && w16 % q != 0) q /= 2;
   // Vectors per plane: the batch's own, then slack that a batch's last tile may read past its
   // end (q vectors; at stride 1 on padded rows also into the next image's rows, harmlessly).
-  p.plane_vectors = p.by_row ? batch * (p.in_h + 2) * w16 + q : tiles_in_batch(p, batch, q) * q;
+  p.plane_vectors = p.by_row ? batch * (p.in_h + 2) * w16 + 2 * q : tiles_in_batch(p, batch, q) * q;
   p.vector_stride = (p.in_channels + 1) * kPixelVector;
   p.plane_stride = p.plane_vectors * p.vector_stride + 7 * kPixelVector;
+  p.tile_step = p.by_row && p.stride == 2 && w16 == 1 ? 2 * p.vector_stride : p.vector_stride;
   const int64_t plane_floats = p.planes * p.plane_stride;
   TORCH_CHECK(plane_floats < (int64_t(1) << 31), "pSConv kernel: the input is too large for 32-bit offsets");
   int32_t tap_offset[9];  // where each tap's vectors start, from a tile's first vector
@@ -239,7 +250,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   // Channel blocks per pass: a tile's plane vectors for those channels (64 bytes each, for every
   // plane and row shift a tile reads) within 32 KB of L1, or more blocks where a chunk has few pairs
   // per block (1-tap supports), so that a pass holds ~128 pairs and reloading the sums stays cheap.
-  const int64_t vectors_per_channel = p.by_row ? 3 * (q + 2 * w16) : 9 * q;
+  const int64_t vectors_per_channel = !p.by_row ? 9 * q : p.stride == 1 ? 3 * (q + 2 * w16) : 3 * (2 * q + 1);
   const int64_t fit = std::max<int64_t>(1, (32 * 1024) / (kChannelBlock * vectors_per_channel * 64));
   const double pairs_per_block = blocks ? double(pairs) / double(p.groups * blocks) : 1.0;
   const int64_t enough = static_cast<int64_t>(std::ceil(128.0 / std::max(pairs_per_block, 1.0)));
@@ -413,7 +424,7 @@ void shift_row(const float* centre, float* left, float* right, int64_t w16, int6
       const __m512i before = u > 0 ? _mm512_castps_si512(_mm512_load_ps(centre + at - vector_floats)) : zero;
       const __m512i after = u + 1 < w16 ? _mm512_castps_si512(_mm512_load_ps(centre + at + vector_floats)) : zero;
       _mm512_store_ps(left + at, _mm512_castsi512_ps(_mm512_alignr_epi32(here, before, 15)));  // before[15], here[0..14]
-      _mm512_store_ps(right + at, _mm512_castsi512_ps(_mm512_alignr_epi32(after, here, 1)));   // here[1..15], after[0]
+      if (right) _mm512_store_ps(right + at, _mm512_castsi512_ps(_mm512_alignr_epi32(after, here, 1)));  // here[1..15], after[0]
     }
 }
 
@@ -552,12 +563,13 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
     if (added.defined()) out += added;
     return relu ? out.clamp_min_(0) : out;
   }
-  const bool by_row = stride == 1 && w % kPixelVector == 0;
+  // Rows of planes where every output row is whole pixel vectors and, at stride 2, the input row
+  // splits into even and odd pixels (W even).
+  const bool by_row = w % (kPixelVector * stride) == 0;
   Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, group, pair, nullptr,
             position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
             output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, groups, blocks, stride, 1, relu,
-            by_row,
-            by_row ? 3 : 9, 0, 0};
+            by_row, out_w / kPixelVector, 0, by_row ? 3 : 9, 0, 0, 0};
   const int32_t* channel = channels.data_ptr<int32_t>();
   const int32_t* tap = taps.data_ptr<int32_t>();
   const int64_t pairs = channels.numel();
