@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 # glibc malloc.h
@@ -26,14 +27,11 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 2**31 - 1  # the largest mallopt takes: never give the heap's top back
 
-_applied: list[bool] = []
 
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc reuse freed blocks up to 32 MiB instead of unmapping them. Returns whether it
-    took effect (False on non-glibc systems, where nothing is changed). Idempotent."""
-    if _applied:
-        return _applied[0]
+    took effect (False on non-glibc systems, where nothing is changed). Applied once per process."""
     ok = False
     if sys.platform.startswith("linux"):
         try:
@@ -44,5 +42,4 @@ def keep_freed_memory() -> bool:
                 bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
         except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
             ok = False
-    _applied.append(ok)
     return ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ConfigError
 
@@ -75,9 +75,10 @@ def build_options(cls: type, raw: dict[str, str], where: str) -> Any:
     return cls(**values)
 
 
-def format_spec(name: str, options: Any) -> str:
-    """Inverse of split_spec + build_options, for records."""
+def format_spec(name: str, options: Any, fields: Sequence[str] | None = None) -> str:
+    """Inverse of split_spec + build_options, for records; `fields` limits it to those options."""
     if options is None or not dataclasses.is_dataclass(options):
         return name
-    items = [f"{f.name}={getattr(options, f.name)}" for f in dataclasses.fields(options)]
+    keys = fields if fields is not None else [f.name for f in dataclasses.fields(options)]
+    items = [f"{key}={getattr(options, key)}" for key in keys]
     return f"{name}:{','.join(items)}" if items else name

@@ -257,6 +257,10 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   p.blocks_per_pass = std::max<int64_t>(1, std::min({blocks, std::max(fit, enough), int64_t(kMaxBlocksPerPass)}));
   const int64_t stage_floats = int64_t(p.chunk_slot[p.chunks]) * q * kPixelVector;
   const int64_t tiles = tiles_in_batch(p, batch, q);
+  const auto run_tile = [&](const Tile& tile, float* stage) {  // every chunk, then the output
+    steps.compute(p, tile.base, q, stage, 0, p.chunks);
+    steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
+  };
   if (per_batch) {
     const int64_t batches = (p.images + batch - 1) / batch;
     at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
@@ -265,13 +269,10 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
       float* stage = stage_buffer.get(stage_floats);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t first = b * batch, images = std::min(batch, p.images - first);
-        zero_slack(p, planes, images);
+        // Slack once per thread and call (the buffer may be new); a short last batch has more.
+        if (b == begin || images < batch) zero_slack(p, planes, images);
         for (int phase = 0; phase < 2; ++phase) steps.build(p, planes, first, images, 0, build_units(p, images), phase);
-        for (int64_t t = 0; t < tiles_in_batch(p, images, q); ++t) {
-          const Tile tile = tile_at(p, planes, first, images, q, t);
-          steps.compute(p, tile.base, q, stage, 0, p.chunks);
-          steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
-        }
+        for (int64_t t = 0; t < tiles_in_batch(p, images, q); ++t) run_tile(tile_at(p, planes, first, images, q, t), stage);
       }
     });
     return;
@@ -287,11 +288,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       static thread_local Buffer stage_buffer;
       float* stage = stage_buffer.get(stage_floats);
-      for (int64_t t = begin; t < end; ++t) {
-        const Tile tile = tile_at(p, planes, 0, p.images, q, t);
-        steps.compute(p, tile.base, q, stage, 0, p.chunks);
-        steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
-      }
+      for (int64_t t = begin; t < end; ++t) run_tile(tile_at(p, planes, 0, p.images, q, t), stage);
     });
     return;
   }

@@ -111,10 +111,7 @@ class Attack:
     @property
     def spec(self) -> str:
         """The attack as recorded in results: only the options it reads."""
-        used = ATTACK_OPTIONS.get(self.name)
-        if used is None:
-            return format_spec(self.name, self.options)
-        return f"{self.name}:" + ",".join(f"{key}={getattr(self.options, key)}" for key in used)
+        return format_spec(self.name, self.options, ATTACK_OPTIONS.get(self.name))
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
