@@ -1,8 +1,10 @@
 """Inference-only rewrites of a trained model: batch norm folded into the
-convolution before it, and every pSConv layer swapped for the compiled
-kernel (leancnn.kernels.psconv) with the ReLU after it fused, and a residual
-block's add and ReLU fused into its second convolution when that runs on the
-kernel. Latency
+convolution before it; every pSConv layer and every pruned or masked convolution
+swapped for a sparse-kernel layer (leancnn.kernels.sparse) with the ReLU after it
+fused, and a residual block's add and ReLU fused into its second convolution.
+A swapped layer runs the compiled kernel or the dense convolution, whichever its
+measured plan found faster (leancnn.kernels.plans), so deploying never makes a
+layer slower than dense. Latency
 comparisons deploy every model the same way, so a method is not credited (or
 blamed) for the batch norms it happens to keep. Training keeps the original
 layers; deploy works on a copy.
@@ -48,29 +50,47 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def swap_psconv(model: nn.Module) -> nn.Module:
-    """Every PSConv2d the kernel can compute -> PSConvInference, fusing a ReLU that
-    follows it (directly, or after a folded batch norm) in the same Sequential."""
+def _kernel_layer(layer: nn.Module, relu: bool) -> nn.Module | None:
+    """The inference layer for `layer` if the sparse kernel may run it: a pSConv layer, or a
+    plain convolution with zeros in its weight (a pruned or masked one); else None."""
     from .kernels.psconv import PSConvInference, kernel_applies
+    from .kernels.sparse import MAX_PLANNED_DENSITY, SparseConvInference, conv_applies
+
+    if kernel_applies(layer):
+        return PSConvInference(layer, relu=relu)
+    if type(layer) is nn.Conv2d and conv_applies(layer) and layer.weight.numel():
+        density = float((layer.weight != 0).float().mean())
+        if density <= MAX_PLANNED_DENSITY:
+            return SparseConvInference.from_conv(layer, relu=relu)
+    return None
+
+
+def swap_kernel_layers(model: nn.Module) -> nn.Module:
+    """Every convolution the sparse kernel can compute (pSConv, and pruned or masked 3x3 / 1x1
+    convolutions) -> its inference layer, fusing a ReLU that follows it (directly, or after a
+    folded batch norm) in the same Sequential. Each such layer runs what its plan measured faster."""
     from .methods.surgery import replace_module
 
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue
         for index, layer in enumerate(module):
-            if not kernel_applies(layer):
-                continue
             following = list(module)[index + 1:index + 3]
             while following and isinstance(following[0], nn.Identity):
                 following.pop(0)
             relu = bool(following) and type(following[0]) is nn.ReLU
-            module[index] = PSConvInference(layer, relu=relu)
+            swapped = _kernel_layer(layer, relu)
+            if swapped is None:
+                continue
+            module[index] = swapped
             if relu:
                 position = next(i for i in range(index + 1, len(module)) if module[i] is following[0])
                 module[position] = nn.Identity()
-    for name, layer in list(model.named_modules()):  # a pSConv layer outside a Sequential: no fusion
-        if kernel_applies(layer):
-            replace_module(model, name, PSConvInference(layer))
+    for name, layer in list(model.named_modules()):  # outside a Sequential: no fusion
+        if name:
+            swapped = _kernel_layer(layer, relu=False)
+            if swapped is not None:
+                replace_module(model, name, swapped)
     return model
 
 
@@ -91,14 +111,14 @@ class KernelResidualBlock(nn.Module):
 def fuse_residuals(model: nn.Module) -> nn.Module:
     """Every BasicBlock whose conv2 is a kernel layer (then identities) and whose ReLU
     is a plain ReLU -> KernelResidualBlock."""
-    from .kernels.psconv import PSConvInference
+    from .kernels.sparse import SparseConvInference
     from .methods.surgery import replace_module
     from .models.resnet import BasicBlock
 
     for name, block in list(model.named_modules()):
         if not name or not (isinstance(block, BasicBlock) and type(block.relu) is nn.ReLU
                 and isinstance(block.conv2, nn.Sequential) and len(block.conv2)
-                and isinstance(block.conv2[0], PSConvInference) and not block.conv2[0].relu
+                and isinstance(block.conv2[0], SparseConvInference) and not block.conv2[0].relu
                 and all(isinstance(m, nn.Identity) for m in list(block.conv2)[1:])):
             continue
         kernel = block.conv2[0]
@@ -107,9 +127,31 @@ def fuse_residuals(model: nn.Module) -> nn.Module:
     return model
 
 
-def deploy(model: nn.Module, kernels: bool = True) -> nn.Module:
+def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Tensor] | None = None) -> nn.Module:
     """The model as it should run for inference on this CPU (a copy, eval mode):
-    batch norm folded; with `kernels`, pSConv layers on the compiled kernel
-    (the masked dense convolution where no compiler was found)."""
+    batch norm folded; with `kernels`, pSConv and pruned convolutions as sparse-kernel
+    layers, each running what its deploy plan measured faster on this machine (the
+    kernel or the dense convolution; plans are made the first time a layer sees an
+    input shape, batch size, memory format and thread count, and cached on disk).
+    `example_inputs`: inputs to plan for now rather than at their first use."""
     model = fold_batchnorm(model)
-    return fuse_residuals(swap_psconv(model)) if kernels else model
+    if not kernels:
+        return model
+    model = fuse_residuals(swap_kernel_layers(model))
+    with torch.no_grad():
+        for example in example_inputs or []:
+            model(example)
+    return model
+
+
+def deploy_plan(model: nn.Module) -> list[dict]:
+    """What each sparse-kernel layer of a deployed model runs: one row per layer and plan key
+    (batch, threads, memory format), with the choice and every candidate's measured time."""
+    from .kernels.sparse import SparseConvInference
+
+    rows = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, SparseConvInference):
+            for plan in layer.plan_summary():
+                rows.append({"layer": name, "density": round(layer.density, 4), **plan})
+    return rows

@@ -18,6 +18,20 @@ def _one_thread():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _plan_cache(tmp_path_factory):
+    # Deploy plans go to a file of this session's: the user's cache is neither read nor written.
+    from leancnn.kernels import plans
+
+    path = tmp_path_factory.mktemp("plans") / "plans.json"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LEANCNN_PLAN_CACHE", str(path))
+    plans.forget_loaded()
+    yield path
+    patch.undo()
+    plans.forget_loaded()
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist():
     try:

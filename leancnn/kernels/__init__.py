@@ -1,5 +1,9 @@
 """Compiled inference kernels.
 
+One kernel computes every sparse 3x3 (and, as its centre tap, 1x1) convolution:
+pre-defined sparse supports (pSConv) and irregular masks (DNR, magnitude pruning)
+alike; filters that share a support are grouped (leancnn/kernels/sparse.py: pack).
+
 `psconv_extension()` builds leancnn/kernels/psconv_kernel.cpp against the
 installed torch the first time it is needed (or at `make setup`), into a cache
 under ~/.cache/leancnn (LEANCNN_CACHE overrides), and returns the module; when
@@ -24,12 +28,19 @@ BUILD_FLAGS = "-O3 -fopenmp"
 _state: dict[str, object] = {}
 
 
+def cache_root() -> Path:
+    """Where leancnn keeps kernel builds and deploy plans: LEANCNN_CACHE, else ~/.cache/leancnn."""
+    return Path(os.environ.get("LEANCNN_CACHE", Path.home() / ".cache" / "leancnn"))
+
+
+def kernel_build_id() -> str:
+    """One build per source text, flags and torch version: a changed kernel or torch rebuilds."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + BUILD_FLAGS.encode()
+                          + torch.__version__.encode()).hexdigest()[:12]
+
+
 def cache_dir() -> Path:
-    root = Path(os.environ.get("LEANCNN_CACHE", Path.home() / ".cache" / "leancnn"))
-    # One build per source text and torch version: a changed kernel or torch rebuilds.
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + BUILD_FLAGS.encode()
-                            + torch.__version__.encode()).hexdigest()[:12]
-    return root / "kernels" / f"psconv-{digest}"
+    return cache_root() / "kernels" / f"psconv-{kernel_build_id()}"
 
 
 def psconv_extension(verbose: bool = False) -> ModuleType | None:

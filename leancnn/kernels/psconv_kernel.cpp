@@ -88,6 +88,7 @@ struct Problem {
   // pixel vector would be 4 KB, and every load of a pair (Q vectors, 3 or 9 planes) would map
   // to one L1 set.
   int64_t planes, plane_vectors, vector_stride, plane_stride;
+  uint32_t used_taps;          // bit t: some pair reads tap t (planes no pair reads are not built)
 };
 
 namespace scalar {
@@ -146,7 +147,7 @@ struct Steps {
   void (*compute)(const Problem&, const float* base, int q, float* stage, int64_t k_begin, int64_t k_end);
   void (*finish)(const Problem&, const float* stage, int q, int64_t first_pixel, int64_t valid, int64_t f_begin,
                  int64_t f_end);
-  int max_q;
+  int (*tile_vectors)(int filters);  // pixel vectors per tile for chunks of up to `filters` filters
 };
 
 // Tile t (of q pixel vectors) of a batch of images whose planes are built: its first plane vector,
@@ -208,11 +209,14 @@ struct Buffer {
 // enough batches, each thread builds its batch's planes in its own buffer (they stay in cache)
 // and runs its tiles; with few images (batch 1), planes are built for all of them in parallel and
 // then the tiles are split between threads.
-void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_t pairs, const Steps& steps) {
+void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_t pairs, int64_t pass_blocks,
+                 const Steps& steps) {
   const int64_t threads = at::get_num_threads();
   const int64_t image_pixels = p.out_h * p.out_w;
   const int64_t w16 = p.row_vectors;
-  const int max_q = steps.max_q;
+  int widest_chunk = 1;
+  for (int64_t k = 0; k < p.chunks; ++k) widest_chunk = std::max(widest_chunk, p.chunk_slot[k + 1] - p.chunk_slot[k]);
+  const int max_q = steps.tile_vectors(widest_chunk);
   int64_t batch = p.by_row ? 1 : std::min<int64_t>(p.images, std::max<int64_t>(1, (4 * max_q * kPixelVector) / image_pixels));
   const bool per_batch = (p.images + batch - 1) / batch >= 2 * threads;
   if (!per_batch) batch = p.images;
@@ -236,7 +240,11 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
     tap_offset[t] = static_cast<int32_t>(p.by_row ? (t % 3) * p.plane_stride + (t / 3) * w16 * p.vector_stride
                                                   : t * p.plane_stride);
   std::vector<int32_t> offsets(static_cast<size_t>(pairs));
-  for (int64_t e = 0; e < pairs; ++e) offsets[e] = tap_offset[taps[e]] + channels[e] * kPixelVector;
+  p.used_taps = 0;
+  for (int64_t e = 0; e < pairs; ++e) {
+    offsets[e] = tap_offset[taps[e]] + channels[e] * kPixelVector;
+    p.used_taps |= 1u << taps[e];
+  }
   p.offsets = offsets.data();
   std::vector<int64_t> segment_weight(static_cast<size_t>(p.blocks * p.chunks));
   for (int64_t b = 0, at = 0; b < p.blocks; ++b)
@@ -255,6 +263,8 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   const double pairs_per_block = blocks ? double(pairs) / double(p.groups * blocks) : 1.0;
   const int64_t enough = static_cast<int64_t>(std::ceil(128.0 / std::max(pairs_per_block, 1.0)));
   p.blocks_per_pass = std::max<int64_t>(1, std::min({blocks, std::max(fit, enough), int64_t(kMaxBlocksPerPass)}));
+  if (pass_blocks > 0)  // chosen by a measured plan (leancnn.plans) instead of the rule above
+    p.blocks_per_pass = std::min<int64_t>({blocks, pass_blocks, int64_t(kMaxBlocksPerPass)});
   const int64_t stage_floats = int64_t(p.chunk_slot[p.chunks]) * q * kPixelVector;
   const int64_t tiles = tiles_in_batch(p, batch, q);
   const auto run_tile = [&](const Tile& tile, float* stage) {  // every chunk, then the output
@@ -317,6 +327,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
 namespace generic {
 // Portable path: one "vector" is one float; the compiler may vectorise it.
 constexpr int kMaxQ = 1;
+constexpr int kAccumulators = kMaxChunk * kPixelVector;
 using scalar::finish_block;
 using scalar::lanes_to_vectors;
 using scalar::shift_row;
@@ -336,11 +347,125 @@ using scalar::shifted_vectors;
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-constexpr int kMaxQ = 1;  // 6 filters x 2 vectors of 8 pixels = 12 of the 16 registers accumulate
-using scalar::finish_block;
-using scalar::lanes_to_vectors;
-using scalar::shift_row;
-using scalar::shifted_vectors;
+// Accumulators in 12 of the 16 registers: 6 filters x 1 pixel vector (2 x 8 floats), or one
+// filter (irregular sparsity) x 4 pixel vectors.
+constexpr int kMaxQ = 4;
+constexpr int kAccumulators = 12;
+
+// r[i] = row i in, r[j] = column j out (8 x 8 floats).
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {  // u[m]: rows 0-3 at columns m and 4 + m (128-bit halves); u[4 + m]: rows 4-7
+    r[m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x20);
+    r[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
+  }
+}
+
+// Lanes 0 .. count - 1 set (count <= 8), for maskload / maskstore.
+inline __m256i first_lanes(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+void lanes_to_vectors(const float* const* src, int64_t channels, float* dst) {
+  __m256 r[8];
+  for (int64_t c0 = 0; c0 < channels; c0 += 8) {
+    const int64_t count = std::min<int64_t>(8, channels - c0);
+    const __m256i mask = first_lanes(count);
+    for (int half = 0; half < 2; ++half) {  // pixels 0-7, then 8-15
+      for (int l = 0; l < 8; ++l) {
+        const float* lane = src[half * 8 + l];
+        // Masked loads only for a last partial block: they are slow on AMD cores.
+        r[l] = !lane ? _mm256_setzero_ps() : count == 8 ? _mm256_loadu_ps(lane + c0) : _mm256_maskload_ps(lane + c0, mask);
+      }
+      transpose8(r);
+      for (int64_t j = 0; j < count; ++j) _mm256_store_ps(dst + (c0 + j) * 16 + half * 8, r[j]);
+    }
+  }
+}
+
+// As scalar::shift_row. Within a pixel vector the shift is an unaligned load one float off; the
+// lane that crosses into the neighbouring vector is blended in. The load one float before (or
+// after) a vector stays inside the plane buffer (the previous plane's slack, the next channel or
+// the vector's padding channel) and its stray lane is always replaced.
+void shift_row(const float* centre, float* left, float* right, int64_t w16, int64_t channels, int64_t vector_floats) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t u = 0; u < w16; ++u)
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t at = u * vector_floats + c * 16;
+      const float* here = centre + at;
+      const __m256 before = u > 0 ? _mm256_broadcast_ss(here - vector_floats + 15) : zero;
+      _mm256_store_ps(left + at, _mm256_blend_ps(_mm256_loadu_ps(here - 1), before, 0x01));  // before[15], here[0..6]
+      _mm256_store_ps(left + at + 8, _mm256_loadu_ps(here + 7));                             // here[7..14]
+      if (!right) continue;
+      const __m256 after = u + 1 < w16 ? _mm256_broadcast_ss(here + vector_floats) : zero;
+      _mm256_store_ps(right + at, _mm256_loadu_ps(here + 1));                                // here[1..8]
+      _mm256_store_ps(right + at + 8, _mm256_blend_ps(_mm256_loadu_ps(here + 9), after, 0x80));  // here[9..15], after[0]
+    }
+}
+
+// As scalar::shifted_vectors: each 8-lane half of the result is two lane permutes of adjacent
+// source halves, blended, then the lanes outside the map zeroed.
+void shifted_vectors(const float* low, const float* high, int shift, uint32_t valid, int64_t channels, float* dst) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256i index[2];
+  __m256 from_next[2], inside[2];
+  int first[2];
+  for (int h = 0; h < 2; ++h) {
+    const int start = shift + 8 * h;  // source lane of result lane 8 h, in [0, 23]
+    first[h] = start / 8;
+    index[h] = _mm256_and_si256(_mm256_add_epi32(lane, _mm256_set1_epi32(start)), _mm256_set1_epi32(7));
+    from_next[h] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(start % 8)),
+                                                          _mm256_set1_epi32(7)));
+    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(valid >> (8 * h))), bit);
+    inside[h] = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, bit));
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 source[4] = {low ? _mm256_load_ps(low + c * 16) : zero, low ? _mm256_load_ps(low + c * 16 + 8) : zero,
+                              high ? _mm256_load_ps(high + c * 16) : zero, high ? _mm256_load_ps(high + c * 16 + 8) : zero};
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a = _mm256_permutevar8x32_ps(source[first[h]], index[h]);
+      const __m256 b = _mm256_permutevar8x32_ps(source[first[h] + 1], index[h]);
+      _mm256_store_ps(dst + c * 16 + 8 * h, _mm256_and_ps(_mm256_blendv_ps(a, b, from_next[h]), inside[h]));
+    }
+  }
+}
+
+void finish_block(const Problem& p, const float* const* rows, int count, int64_t at, int64_t out_pixel, int pixels,
+                  int64_t f0) {
+  __m256 r[8];
+  for (int fh = 0; fh * 8 < count; ++fh) {  // filters f0 + 8 fh .. + 7
+    const int filters = std::min(8, count - fh * 8);
+    const __m256i mask = first_lanes(filters);
+    const bool whole = filters == 8;  // masked stores cost ~10x a plain store on AMD cores: only for a tail
+    const __m256 bias = whole ? _mm256_loadu_ps(p.bias + f0 + fh * 8) : _mm256_maskload_ps(p.bias + f0 + fh * 8, mask);
+    for (int ph = 0; ph * 8 < pixels; ++ph) {  // pixels 8 ph .. + 7
+      for (int j = 0; j < 8; ++j) r[j] = j < filters ? _mm256_loadu_ps(rows[fh * 8 + j] + at + ph * 8) : _mm256_setzero_ps();
+      transpose8(r);  // r[l]: pixel 8 ph + l, those filters
+      for (int l = 0; l < std::min(8, pixels - ph * 8); ++l) {
+        const int64_t o = (out_pixel + ph * 8 + l) * p.out_channels + f0 + fh * 8;
+        __m256 value = _mm256_add_ps(r[l], bias);
+        if (p.residual)
+          value = _mm256_add_ps(value, whole ? _mm256_loadu_ps(p.residual + o) : _mm256_maskload_ps(p.residual + o, mask));
+        if (p.relu) value = _mm256_max_ps(value, _mm256_setzero_ps());
+        if (whole) _mm256_storeu_ps(p.output + o, value);
+        else _mm256_maskstore_ps(p.output + o, mask, value);
+      }
+    }
+  }
+}
 #define VEC __m256
 #define VW 8
 #define VZERO() _mm256_setzero_ps()
@@ -373,7 +498,9 @@ constexpr int peak_lanes = 8;
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
-constexpr int kMaxQ = 4;  // 6 filters x 4 pixel vectors = 24 of the 32 registers accumulate
+// Accumulators in 24 of the 32 registers: 6 filters x 4 pixel vectors, or up to 3 filters x 8.
+constexpr int kMaxQ = 8;
+constexpr int kAccumulators = 24;
 
 // r[i] = row i in, r[j] = column j out.
 inline void transpose16(__m512 r[16]) {
@@ -506,7 +633,8 @@ const char* isa_name(Isa isa) {
 
 torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
                       torch::Tensor chunk_slot, torch::Tensor chunk_group, torch::Tensor segment_pair, torch::Tensor bias,
-                      torch::Tensor position, int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual) {
+                      torch::Tensor position, int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual,
+                      int64_t pass_blocks) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
@@ -566,16 +694,16 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
   Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, group, pair, nullptr,
             position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
             output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, groups, blocks, stride, 1, relu,
-            by_row, out_w / kPixelVector, 0, by_row ? 3 : 9, 0, 0, 0};
+            by_row, out_w / kPixelVector, 0, by_row ? 3 : 9, 0, 0, 0, 0};
   const int32_t* channel = channels.data_ptr<int32_t>();
   const int32_t* tap = taps.data_ptr<int32_t>();
   const int64_t pairs = channels.numel();
   switch (detect()) {
 #ifdef LEANCNN_X86
-    case Isa::avx512: avx512::run(p, channel, tap, pairs); break;
-    case Isa::avx2: avx2::run(p, channel, tap, pairs); break;
+    case Isa::avx512: avx512::run(p, channel, tap, pairs, pass_blocks); break;
+    case Isa::avx2: avx2::run(p, channel, tap, pairs, pass_blocks); break;
 #endif
-    default: generic::run(p, channel, tap, pairs);
+    default: generic::run(p, channel, tap, pairs, pass_blocks);
   }
   return output;
 }
@@ -612,7 +740,9 @@ double peak_gflops(int64_t threads, double seconds) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "pSConv 3x3 inference (channels_last, padding 1; optional residual added before the ReLU)");
+  m.def("forward", &forward,
+        "sparse 3x3 inference (channels_last, padding 1; optional residual added before the ReLU; pass_blocks: "
+        "input-channel blocks of 16 per pass, 0 = chosen by the kernel)");
   m.def("isa", &isa, "the instruction set the kernel runs with on this CPU");
   m.def("peak_gflops", &peak_gflops, "measured FMA throughput (GFLOP/s) of that instruction set");
 }

@@ -1,0 +1,236 @@
+"""A sparse convolution for inference: any masked or pruned 3x3 (padding 1) or 1x1
+(padding 0) convolution, stride 1 or 2, packed for the compiled kernel
+(leancnn/kernels/psconv_kernel.cpp) with bias, ReLU and a residual add fused, and
+run the way its deploy plan says (leancnn.kernels.plans): the kernel, or oneDNN's
+dense convolution, whichever measured faster for this input shape, batch size,
+memory format and thread count on this machine. So a deployed layer is never
+slower than its dense convolution.
+
+The kernel is a direct sparse convolution in the style of SkimCaffe (Park et al.,
+"Faster CNNs with Direct Sparse Convolutions and Guided Pruning", ICLR 2017):
+output pixels in vectors, each non-zero weight one broadcast and a few FMAs
+against shifted input vectors, the zeros never touched. Filters that share a
+support row (pSConv's periodic supports) share one list of (tap, channel) pairs
+and are computed together; with irregular masks every filter is its own group.
+A 1x1 convolution is the 3x3 one whose only tap is the centre (same output size
+at stride 1 and 2; the kernel builds no planes for taps it never reads).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..measure.counting import FP32_BYTES, LayerCost
+from . import plans, psconv_extension
+
+TAPS = 9
+# Filters per chunk: the kernel's register tile is chunk x pixel vectors (24 of AVX-512's 32 registers).
+MAX_CHUNK = 6
+# Input channels per segment. The kernel runs a chunk over several consecutive segments at a
+# time, as many as keep a tile's plane vectors for those channels in L1 while every chunk uses
+# them, and at least enough for ~128 pairs per pass (it decides per input shape; a plan may
+# override it, see PASS_CHOICES).
+CHANNEL_BLOCK = 16
+# Kernel variants a plan times besides the kernel's own pass size: one 16-channel block per
+# pass keeps a tile's inputs in L1 at the cost of reloading its sums more often (it won for
+# per-filter groups at density 0.05 on an AVX2 EPYC).
+PASS_CHOICES = {"kernel": 0, "kernel-pass1": 1}
+# Layers denser than this keep the dense convolution without planning: the kernel cannot win.
+MAX_PLANNED_DENSITY = 0.9
+
+
+def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
+    """`filters` cut into the fewest chunks of at most `limit`, as equal as possible (16 -> 6, 5, 5):
+    a chunk's broadcasts feed as many FMAs as it has filters, so no chunk is left tiny."""
+    count = -(-filters // limit)
+    return [filters // count + (1 if i < filters % count else 0) for i in range(count)]
+
+
+@torch.no_grad()
+def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The layer as the kernel reads it: filters grouped by support row (the taps each input
+    channel uses); per group the (tap, channel) pairs its filters use, channel by channel, in
+    segments of CHANNEL_BLOCK input channels; each group cut into chunks of at most MAX_CHUNK
+    filters, whose weights are listed per pair of their group.
+    weight, mask: [C_out, C_in, 3, 3]."""
+    out_channels, in_channels = weight.shape[:2]
+    rows = mask.reshape(out_channels, -1)
+    _, group_of = torch.unique(rows, dim=0, return_inverse=True)
+    taps_weight = (weight * mask).reshape(out_channels, in_channels, TAPS).float()
+    taps_mask = mask.reshape(out_channels, in_channels, TAPS)
+    used_by_group, chunks = [], []  # [C_in, 9] taps per group; (filters, group) per chunk
+    for group in range(int(group_of.max()) + 1 if out_channels else 0):
+        members = torch.nonzero(group_of == group).flatten()
+        used_by_group.append(taps_mask[members[0]])  # every member has this support row
+        chunks += [(chunk, group) for chunk in members.split(chunk_sizes(len(members)))]
+    # Channel block by channel block: each group's pairs in the block (shared by its chunks), and
+    # each chunk's weights for them, so that a tile's passes read the weights in one stream.
+    pairs, channels, taps, weights = [0], [], [], []
+    for first_channel in range(0, in_channels, CHANNEL_BLOCK):
+        block_pairs = []
+        for used in used_by_group:
+            channel_index, tap_index = torch.nonzero(used[first_channel:first_channel + CHANNEL_BLOCK], as_tuple=True)
+            block_pairs.append((channel_index + first_channel, tap_index))
+            channels.append(channel_index + first_channel)
+            taps.append(tap_index)
+            pairs.append(pairs[-1] + len(channel_index))
+        for chunk, group in chunks:
+            channel_index, tap_index = block_pairs[group]
+            weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]
+    slots = [0]
+    for chunk, _ in chunks:
+        slots.append(slots[-1] + len(chunk))
+
+    def cat(parts: list[torch.Tensor], dtype) -> torch.Tensor:
+        return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype).contiguous()
+
+    position = torch.zeros(out_channels, dtype=torch.int32)
+    position[cat([chunk for chunk, _ in chunks], torch.long)] = torch.arange(out_channels, dtype=torch.int32)
+    return {
+        "weights": cat(weights, torch.float32),
+        "channels": cat(channels, torch.int32),
+        "taps": cat(taps, torch.int32),
+        "chunk_slot": torch.tensor(slots, dtype=torch.int32),
+        "chunk_group": torch.tensor([group for _, group in chunks], dtype=torch.int32),
+        "segment_pair": torch.tensor(pairs, dtype=torch.int32),
+        "bias": (torch.zeros(out_channels) if bias is None else bias.detach().float().cpu()).contiguous(),
+        "position": position,
+    }
+
+
+def conv_applies(conv: nn.Module) -> bool:
+    """Convolutions the kernel computes: 3x3 with padding 1 or 1x1 with padding 0, stride 1 or 2
+    (both directions alike), no groups or dilation, zero padding."""
+    if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        return False
+    shape = (conv.kernel_size, conv.padding)
+    return shape in ((( 3, 3), (1, 1)), ((1, 1), (0, 0))) and conv.stride in ((1, 1), (2, 2))
+
+
+def as_3x3(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1x1 kernel as the 3x3 one whose only tap is the centre (3x3 kernels unchanged)."""
+    if tensor.shape[-1] == 3:
+        return tensor
+    out = torch.zeros(*tensor.shape[:2], 3, 3, dtype=tensor.dtype)
+    out[:, :, 1, 1] = tensor[:, :, 0, 0]
+    return out
+
+
+class SparseConvInference(nn.Module):
+    """A masked convolution (+ bias, + optional residual, + optional ReLU) for inference, run by
+    its measured plan: the compiled kernel or the dense convolution. `weight` [C_out, C_in, k, k]
+    with k = 1 or 3; `mask` (bool, same shape) defaults to the weight's non-zeros."""
+
+    storage_format = "sparse_packed"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, *,
+                 mask: torch.Tensor | None = None, relu: bool = False) -> None:
+        super().__init__()
+        weight = weight.detach().float().cpu()
+        if weight.dim() != 4 or weight.shape[-2:] not in ((1, 1), (3, 3)) or stride not in (1, 2):
+            raise ValueError(f"the sparse kernel computes 3x3 or 1x1 convolutions at stride 1 or 2, "
+                             f"not a {tuple(weight.shape)} weight at stride {stride}")
+        mask = (weight != 0) if mask is None else mask.detach().cpu().bool()
+        self.out_channels, self.in_channels, self.kernel_size = weight.shape[0], weight.shape[1], weight.shape[-1]
+        self.stride, self.relu = stride, relu
+        # Parameters (frozen) so counting and state dicts see them as the layer's weights.
+        self.weight = nn.Parameter(weight * mask, requires_grad=False)  # the dense path and the reference
+        self.register_buffer("mask", mask.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().cpu().clone(), requires_grad=False)
+        extension = psconv_extension()
+        self.isa = extension.isa() if extension is not None else "unavailable"
+        for name, tensor in pack(as_3x3(weight), as_3x3(mask), self.bias).items():
+            self.register_buffer(f"packed_{name}", tensor)
+        self.density = float(mask.float().mean()) if mask.numel() else 0.0
+        self.plans: dict[str, dict] = {}  # plan key -> {"choice", "times_ms", "cached"}
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, relu: bool = False) -> "SparseConvInference":
+        if not conv_applies(conv):
+            raise ValueError(f"the sparse kernel computes 3x3 padding-1 or 1x1 padding-0 convolutions at stride 1 "
+                             f"or 2, not {conv}")
+        mask = getattr(conv, "mask", None)
+        return cls(conv.weight, conv.bias, conv.stride[0], relu=relu,
+                   mask=mask if isinstance(mask, torch.Tensor) and mask.shape == conv.weight.shape else None)
+
+    # -- the implementations a plan chooses from --------------------------------------------
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """oneDNN's dense convolution (the zeros multiplied too), in x's memory format."""
+        out = F.conv2d(x, self.weight.to(x), None if self.bias is None else self.bias.to(x), self.stride,
+                       self.kernel_size // 2)
+        if residual is not None:
+            out = out + residual
+        return F.relu(out) if self.relu else out
+
+    def kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None, pass_blocks: int = 0) -> torch.Tensor:
+        """The compiled kernel (channels_last inside; the output in x's memory format)."""
+        out = psconv_extension().forward(
+            x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
+            self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position, self.stride,
+            self.relu, residual, pass_blocks)
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+    def implementations(self, x: torch.Tensor, residual: torch.Tensor | None) -> dict:
+        """Name -> a call on this input: what a plan for it times."""
+        other = torch.contiguous_format if x.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
+        this = torch.channels_last if other is torch.contiguous_format else torch.contiguous_format
+        options = {"dense": lambda: self.dense(x, residual),
+                   # oneDNN in the other memory format, converting in and out: honest, rarely faster
+                   "dense-" + ("contiguous" if other is torch.contiguous_format else "channels_last"):
+                       lambda: self.dense(x.contiguous(memory_format=other),
+                                          None if residual is None else residual.contiguous(memory_format=other))
+                       .contiguous(memory_format=this)}
+        if psconv_extension() is not None and self.density <= MAX_PLANNED_DENSITY:
+            for name, blocks in PASS_CHOICES.items():
+                options[name] = lambda blocks=blocks: self.kernel(x, residual, blocks)
+        return options
+
+    def run(self, choice: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """One named implementation (benchmarks and tests call them directly)."""
+        return self.implementations(x, residual)[choice]()
+
+    def plan_key(self, x: torch.Tensor, residual: torch.Tensor | None) -> str:
+        fmt = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+        groups = self.packed_chunk_group.max().item() + 1 if self.packed_chunk_group.numel() else 0
+        return (f"conv{self.kernel_size}x{self.kernel_size} s{self.stride} {self.in_channels}->{self.out_channels} "
+                f"{x.shape[2]}x{x.shape[3]} density={self.density:.3f} groups={groups} relu={int(self.relu)} "
+                f"residual={int(residual is not None)} batch={x.shape[0]} threads={torch.get_num_threads()} {fmt}")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x) + bias [+ residual], then the ReLU if fused: a residual block's add and ReLU ride
+        along in the kernel's last pass over the output."""
+        # Tracing (ONNX export, torch.jit) must see ordinary ops: the kernel is opaque to it.
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        if psconv_extension() is None or tracing or x.device.type != "cpu" or x.dtype != torch.float32 \
+                or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) \
+                or (residual is not None and (residual.dtype != torch.float32 or residual.requires_grad)):
+            return self.dense(x, residual)
+        key = self.plan_key(x, residual)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = plans.choose(key, self.implementations(x, residual))
+        return self.run(plan["choice"], x, residual)
+
+    def plan_summary(self) -> list[dict]:
+        """The plans this layer made or read: one dict per key (batch, threads, format)."""
+        return [{"key": key, **plan} for key, plan in self.plans.items()]
+
+    def leancnn_cost(self, inputs: tuple, output: torch.Tensor) -> LayerCost:
+        uses = output.shape[-2] * output.shape[-1]
+        kept = int(self.mask.sum())
+        bias = 0 if self.bias is None else self.bias.numel()
+        nonzero = int(torch.count_nonzero(self.weight)) + (0 if self.bias is None else int(torch.count_nonzero(self.bias)))
+        # Values of the kept weights (and bias); per pair of a group one index, (channel, tap) in
+        # 16 bits when C_in x 9 fits, else 32; the segment and chunk tables (32 bits each).
+        index_bytes = 2 if self.in_channels * TAPS <= 2 ** 16 else 4
+        tables = self.packed_chunk_slot.numel() + self.packed_chunk_group.numel() + self.packed_segment_pair.numel()
+        storage = self.packed_weights.numel() * FP32_BYTES + bias * FP32_BYTES \
+            + self.packed_channels.numel() * index_bytes + tables * 4
+        return LayerCost(self.weight.numel() * uses, kept * uses, self.weight.numel() + bias, nonzero, storage,
+                         self.storage_format)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"relu={self.relu}, density={self.density:.3f}, chunks={self.packed_chunk_slot.numel() - 1}, "
+                f"isa={self.isa}")
