@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +14,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leancnn.measure.latency import cpu_model  # noqa: E402
+
+
+# (C_in, C_out, input size, stride): every distinct 3x3 layer of resnet18 at 32x32.
+RESNET18_LAYERS = [(64, 64, 32, 1), (64, 128, 32, 2), (128, 128, 16, 1), (128, 256, 16, 2), (256, 256, 8, 1),
+                   (256, 512, 8, 2), (512, 512, 4, 1)]
+
+
+def paired_seconds(fns: list, runs: int, warmup_seconds: float = 0.3) -> list[float]:
+    """Median seconds of each function, timed in alternating rounds (one call of each per round):
+    when the host takes CPU time from this VM, it slows the compared calls alike."""
+    with torch.no_grad():
+        started = time.perf_counter()
+        while time.perf_counter() - started < warmup_seconds:
+            for fn in fns:
+                fn()
+        times: list[list[float]] = [[] for _ in fns]
+        for _ in range(runs):
+            for fn, spent in zip(fns, times):
+                t = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - t)
+    return [median(spent) for spent in times]
 
 
 def pin_threads(threads: int) -> None:
@@ -57,8 +80,6 @@ def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> 
 
 
 def log(text: str) -> None:
-    import time
-
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 

@@ -19,13 +19,12 @@ Timing: threads pinned, warm-up, then kernel and dense calls alternate, median o
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-from common import machine_line, median, pin_threads, publish
+from common import RESNET18_LAYERS as LAYERS, machine_line, paired_seconds, pin_threads, publish
 
 import leancnn
 from leancnn.allocator import keep_freed_memory
@@ -35,27 +34,7 @@ from leancnn.kernels.psconv import PSConvInference
 from leancnn.layers.psconv import PSConv2d
 
 ROOT = Path(__file__).resolve().parents[1]
-# (C_in, C_out, input size, stride): every distinct 3x3 layer of resnet18 at 32x32.
-LAYERS = [(64, 64, 32, 1), (64, 128, 32, 2), (128, 128, 16, 1), (128, 256, 16, 2), (256, 256, 8, 1),
-          (256, 512, 8, 2), (512, 512, 4, 1)]
 MODELS = ["PS4_P4", "PSD1_P16", "PS1_P9"]
-
-
-def paired_seconds(fns: list, runs: int, warmup_seconds: float = 0.3) -> list[float]:
-    """Median seconds of each function, timed in alternating rounds (one call of each per round):
-    when the host takes CPU time from this VM, it slows the compared calls alike."""
-    with torch.no_grad():
-        started = time.perf_counter()
-        while time.perf_counter() - started < warmup_seconds:
-            for fn in fns:
-                fn()
-        times: list[list[float]] = [[] for _ in fns]
-        for _ in range(runs):
-            for fn, spent in zip(fns, times):
-                t = time.perf_counter()
-                fn()
-                spent.append(time.perf_counter() - t)
-    return [median(spent) for spent in times]
 
 
 def layer_rows(threads: int, runs: int) -> list[dict]:
@@ -74,7 +53,7 @@ def layer_rows(threads: int, runs: int) -> list[dict]:
             n = runs if batch > 1 else 5 * runs
             dense_nchw, dense_last, sparse = paired_seconds(
                 [lambda: F.conv2d(x, weight, bias, stride, 1), lambda: F.conv2d(x_last, weight, bias, stride, 1),
-                 lambda: kernel(x_last)], n)
+                 lambda: kernel.kernel(x_last)], n)
             dense_flops = 2 * batch * c_out * c_in * 9 * out_size * out_size
             kept_flops = 2 * batch * kept * out_size * out_size
             best = min(dense_nchw, dense_last)

@@ -143,7 +143,9 @@ class SparseConvInference(nn.Module):
         for name, tensor in pack(as_3x3(weight), as_3x3(mask), self.bias).items():
             self.register_buffer(f"packed_{name}", tensor)
         self.density = float(mask.float().mean()) if mask.numel() else 0.0
+        self.groups = int(self.packed_chunk_group.max()) + 1 if self.packed_chunk_group.numel() else 0
         self.plans: dict[str, dict] = {}  # plan key -> {"choice", "times_ms", "cached"}
+        self._choice: dict[tuple, str] = {}  # (shape, channels_last, no residual, threads) -> choice
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, relu: bool = False) -> "SparseConvInference":
@@ -173,28 +175,34 @@ class SparseConvInference(nn.Module):
 
     def implementations(self, x: torch.Tensor, residual: torch.Tensor | None) -> dict:
         """Name -> a call on this input: what a plan for it times."""
-        other = torch.contiguous_format if x.is_contiguous(memory_format=torch.channels_last) else torch.channels_last
-        this = torch.channels_last if other is torch.contiguous_format else torch.contiguous_format
-        options = {"dense": lambda: self.dense(x, residual),
-                   # oneDNN in the other memory format, converting in and out: honest, rarely faster
-                   "dense-" + ("contiguous" if other is torch.contiguous_format else "channels_last"):
-                       lambda: self.dense(x.contiguous(memory_format=other),
-                                          None if residual is None else residual.contiguous(memory_format=other))
-                       .contiguous(memory_format=this)}
+        return {name: (lambda name=name: self.run(name, x, residual)) for name in self.choices()}
+
+    def choices(self) -> list[str]:
+        # oneDNN in the other memory format converts in and out: honest, rarely faster.
+        names = ["dense", "dense-other-format"]
         if psconv_extension() is not None and self.density <= MAX_PLANNED_DENSITY:
-            for name, blocks in PASS_CHOICES.items():
-                options[name] = lambda blocks=blocks: self.kernel(x, residual, blocks)
-        return options
+            names += list(PASS_CHOICES)
+        return names
 
     def run(self, choice: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """One named implementation (benchmarks and tests call them directly)."""
-        return self.implementations(x, residual)[choice]()
+        """One named implementation (plans, benchmarks and tests call them by name)."""
+        if choice == "dense":
+            return self.dense(x, residual)
+        if choice in PASS_CHOICES:
+            return self.kernel(x, residual, PASS_CHOICES[choice])
+        if choice == "dense-other-format":
+            this = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            other = torch.contiguous_format if this is torch.channels_last else torch.channels_last
+            out = self.dense(x.contiguous(memory_format=other),
+                             None if residual is None else residual.contiguous(memory_format=other))
+            return out.contiguous(memory_format=this)
+        raise ValueError(f"unknown implementation {choice!r}; this layer has {', '.join(self.choices())}")
 
     def plan_key(self, x: torch.Tensor, residual: torch.Tensor | None) -> str:
+        """The cache key: the layer's shape and density, the input, and how it runs."""
         fmt = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else "contiguous"
-        groups = self.packed_chunk_group.max().item() + 1 if self.packed_chunk_group.numel() else 0
         return (f"conv{self.kernel_size}x{self.kernel_size} s{self.stride} {self.in_channels}->{self.out_channels} "
-                f"{x.shape[2]}x{x.shape[3]} density={self.density:.3f} groups={groups} relu={int(self.relu)} "
+                f"{x.shape[2]}x{x.shape[3]} density={self.density:.3f} groups={self.groups} relu={int(self.relu)} "
                 f"residual={int(residual is not None)} batch={x.shape[0]} threads={torch.get_num_threads()} {fmt}")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -206,11 +214,15 @@ class SparseConvInference(nn.Module):
                 or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) \
                 or (residual is not None and (residual.dtype != torch.float32 or residual.requires_grad)):
             return self.dense(x, residual)
-        key = self.plan_key(x, residual)
-        plan = self.plans.get(key)
-        if plan is None:
-            plan = self.plans[key] = plans.choose(key, self.implementations(x, residual))
-        return self.run(plan["choice"], x, residual)
+        # The per-call lookup is a tuple (a string key and a tensor op per call cost ~20 us a layer).
+        fast_key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), residual is None,
+                    torch.get_num_threads())
+        choice = self._choice.get(fast_key)
+        if choice is None:
+            key = self.plan_key(x, residual)
+            self.plans[key] = plans.choose(key, self.implementations(x, residual))
+            choice = self._choice[fast_key] = self.plans[key]["choice"]
+        return self.run(choice, x, residual)
 
     def plan_summary(self) -> list[dict]:
         """The plans this layer made or read: one dict per key (batch, threads, format)."""
