@@ -57,18 +57,19 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def splice_readme(block: str, marker: str) -> None:
-    """Replace the README's text between <!-- marker:start --> and <!-- marker:end -->."""
+def splice_readme(block: str, marker: str, document: str = "README.md") -> None:
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in `document`
+    (a path from the repository root: the README, or a page under docs/)."""
     import re
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    text = readme.read_text()
+    path = Path(__file__).resolve().parents[1] / document
+    text = path.read_text()
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if start not in text:
-        print(f"README has no {start} marker; table not spliced")
+        print(f"{document} has no {start} marker; table not spliced")
         return
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+    path.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
 
 
 def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> float:
@@ -83,11 +84,11 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def publish(name: str, block: str, data, marker: str | None = None) -> None:
+def publish(name: str, block: str, data, marker: str | None = None, document: str = "README.md") -> None:
     """benchmarks/results/NAME.md (the block) and NAME.json (the data); splice the block
-    into the README between <!-- marker:start/end --> (marker defaults to NAME with '-')."""
+    into `document` between <!-- marker:start/end --> (marker defaults to NAME with '-')."""
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.md").write_text(block + "\n")
     write_json(results / f"{name}.json", data)
-    splice_readme(block, marker or name.replace("_", "-"))
+    splice_readme(block, marker or name.replace("_", "-"), document)

@@ -28,7 +28,7 @@ from common import best_latency_ms, log, machine_line, pin_threads, publish
 from leancnn.commands.evaluate import attack_run
 from leancnn.compress import compress_run
 from leancnn.config import TrainConfig
-from leancnn.deploy import fold_batchnorm
+from leancnn.deploy import deploy
 from leancnn.experiment import ensure_run
 from leancnn.runs import load_run
 
@@ -127,12 +127,13 @@ def main() -> None:
     # Rounds taking turns between the models, the median per model: on this VM one measurement of a
     # 10 ms model moved by 20% from one minute to the next, which a single pass per model turns into
     # a 20% error in the speed-up.
-    models = [load_run(row["run_dir"]) for row in rows]
+    # Deployed: batch norm folded, pruned layers on their measured plans (the sparse kernel where it
+    # is faster), made once per model and reused by every round.
+    models = [(deploy(model), architecture) for model, architecture in map(load_run, [r["run_dir"] for r in rows])]
     samples = [[] for _ in rows]
     for _ in range(args.latency_rounds):
         for times, (model, architecture) in zip(samples, models):
-            times.append(best_latency_ms(fold_batchnorm(model), tuple(architecture["input_shape"]), 64,
-                                         args.latency_threads, 20))
+            times.append(best_latency_ms(model, tuple(architecture["input_shape"]), 64, args.latency_threads, 20))
     for row, times in zip(rows, samples):
         row["latency_b64"] = statistics.median(times)
     dense = rows[0]
@@ -153,9 +154,10 @@ def main() -> None:
                f"{args.seed}; every run trains on beta = 0.5 clean + 0.5 PGD-{args.train_steps} (eps {args.eps}) "
                f"loss. Clean accuracy on the full 10k test set; FGSM and PGD-{args.eval_steps} at eps {args.eps} on "
                f"{args.attack_subset} test images. "
-               f"Latency: batch 64, {args.latency_threads} thread(s), batch norm folded, the faster memory format, "
-               f"median of 20 runs, then the median of {args.latency_rounds} rounds taking turns between the models "
-               f"(irregular sparsity runs as dense here; only the channel model is physically smaller). Training "
+               f"Latency: batch 64, {args.latency_threads} thread(s), deployed (batch norm folded, pruned layers on "
+               f"their measured plans: the sparse kernel where it is faster), the faster memory format, "
+               f"median of 20 runs, then the median of {args.latency_rounds} rounds taking turns between the models. "
+               f"Training "
                f"wall time at {args.threads} thread(s); the dense baseline is `dnr:density=1` (no masks: plain "
                f"adversarial training with the same loss and attack).")
     block = f"{summary}\n\n" + "\n".join(lines) + f"\n\n![DNR densities](docs/dnr_density{suffix}.png)"

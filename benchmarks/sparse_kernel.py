@@ -2,7 +2,7 @@
 
 Per layer: resnet18's 3x3 layer shapes at 32x32 input, random irregular masks at
 density 0.05, 0.1 and 0.3, batch 64 and 1, on each thread count; the kernel (the
-faster of its two pass sizes, as a deploy plan would pick) against the faster of
+fastest of its variants, as a deploy plan would pick) against the faster of
 oneDNN's dense convolutions (contiguous or channels_last) on the same masked
 weights with bias. Break-even: at batch 64, densities 0.2 .. 0.8 are swept and
 the density where the speed-up crosses 1.0 is interpolated.
@@ -29,7 +29,7 @@ from common import RESNET18_LAYERS, machine_line, paired_seconds, pin_threads, p
 import leancnn
 from leancnn.deploy import deploy, deploy_plan, fold_batchnorm
 from leancnn.kernels import psconv_extension
-from leancnn.kernels.sparse import SparseConvInference
+from leancnn.kernels.sparse import PASS_CHOICES, SparseConvInference
 
 DENSITIES = [0.05, 0.1, 0.3]
 SWEEP = [0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
@@ -49,10 +49,12 @@ def time_layer(c_in, c_out, size, stride, density, batch, runs):
     weight, bias, layer = masked_layer(c_in, c_out, stride, density)
     x = torch.randn(batch, c_in, size, size)
     x_last = x.contiguous(memory_format=torch.channels_last)
-    dense_nchw, dense_last, auto, one = paired_seconds(
-        [lambda: F.conv2d(x, weight, bias, stride, 1), lambda: F.conv2d(x_last, weight, bias, stride, 1),
-         lambda: layer.kernel(x_last, None, 0), lambda: layer.kernel(x_last, None, 1)], runs)
-    return 1e3 * min(dense_nchw, dense_last), 1e3 * min(auto, one), ("auto" if auto <= one else "pass1")
+    variants = list(PASS_CHOICES.items())
+    dense_nchw, dense_last, *kernels = paired_seconds(
+        [lambda: F.conv2d(x, weight, bias, stride, 1), lambda: F.conv2d(x_last, weight, bias, stride, 1)]
+        + [lambda options=options: layer.kernel(x_last, None, *options) for _, options in variants], runs)
+    best = min(range(len(kernels)), key=kernels.__getitem__)
+    return 1e3 * min(dense_nchw, dense_last), 1e3 * kernels[best], variants[best][0]
 
 
 def layer_rows(threads: int, runs: int, layers, densities, batches) -> list[dict]:
@@ -179,11 +181,12 @@ def main() -> None:
     header = (f"{machine_line()}; kernel instruction set {extension.isa()}; measured FMA peak "
               + ", ".join(f"{peaks[t]:.0f} GFLOP/s on {t} thread(s)" for t in args.threads)
               + f". Median of {runs} runs at batch 64, {5 * runs} at batch 1, the compared calls alternating, "
-                "after 0.3 s of warm-up; random irregular masks; the kernel row is the faster of its two pass sizes.")
+                "after 0.3 s of warm-up; random irregular masks; the kernel row is the fastest of its variants (pass size, threads), as a plan picks.")
     block = f"{header}\n\n{markdown(rows, evens, models, peaks)}"
     print(block)
     if not args.quick:
-        publish("sparse_kernel", block, {"peaks": peaks, "layers": rows, "break_even": evens, "models": models})
+        publish("sparse_kernel", block, {"peaks": peaks, "layers": rows, "break_even": evens, "models": models},
+                document="docs/sparse_kernel.md")
 
 
 if __name__ == "__main__":

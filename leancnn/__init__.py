@@ -1,7 +1,7 @@
 """leancnn: make convolutional networks cheaper to run, and prove it with honest measurements."""
 __version__ = "0.1.0"
 
-from .deploy import deploy  # noqa: E402  (the function shadows the submodule name on purpose)
+from .deploy import deploy, deploy_plan  # noqa: E402  (the function shadows the submodule name on purpose)
 from .measure import count as profile  # noqa: E402
 from .methods import apply_methods, parse_method  # noqa: E402
 from .models import create_model  # noqa: E402
@@ -13,4 +13,4 @@ def apply_method(model, spec: str):
     return model
 
 
-__all__ = ["__version__", "apply_method", "deploy", "apply_methods", "create_model", "parse_method", "profile"]
+__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "apply_methods", "create_model", "parse_method", "profile"]

@@ -23,13 +23,13 @@ import torch
 from .config import TrainConfig
 from .errors import LeancnnError
 from .io import write_text
-from .deploy import deploy
+from .deploy import deploy, deploy_plan
 from .measure import measure_latency
 from .measure.latency import cpu_model
 from .report.html import write_report
 from .report.pareto import pareto_front
 from .report.plots import plot_front
-from .runs import load_run
+from .runs import load_run, read_json, save_result
 
 # --quick: about 2 minutes on 2 idle cores for the default candidates, still real training on real data.
 QUICK = {"model": "resnet20", "width": 0.5, "epochs": 2, "train_subset": 8000, "test_subset": 2000}
@@ -128,13 +128,17 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
                          out=str(run_dir)).validate()
     result = ensure_run(config, progress=progress)
     model, architecture = load_run(run_dir)
-    model = deploy(model)  # latency of what inference runs: batch norm folded, pSConv on the kernel
+    # Latency of what inference runs: batch norm folded, sparse layers on their measured plans
+    # (made during the warm-up of the first measurement at each batch size and format).
+    model = deploy(model)
     shape = tuple(architecture["input_shape"])
     for batch in (1, 64):
         result[f"latency_b{batch}_ms"] = min(
             measure_latency(model, shape, batch_size=batch, threads=plan.threads or None, channels_last=cl,
                             runs=20 if batch == 1 else 10).median_ms
             for cl in (True, False))
+    result["deploy_plan"] = deploy_plan(model)
+    save_result(run_dir, {**read_json(run_dir / "result.json"), "deploy_plan": result["deploy_plan"]})
     return {"label": candidate.label, "run_dir": str(run_dir), **result}
 
 

@@ -14,6 +14,7 @@ from .config import TrainConfig, to_toml
 from .data import ImageDataset, load_dataset
 from .errors import LeancnnError
 from .io import write_text
+from .deploy import deploy, deploy_plan
 from .measure import count, latency_table
 from .measure.latency import machine
 from .methods import Method, apply_methods
@@ -53,10 +54,14 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[nn.Module, 
 
 def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
                  latency: bool = True) -> None:
-    """Counts always (cheap); CPU latency only when asked (seconds)."""
+    """Counts always (cheap); CPU latency only when asked (seconds), of the deployed model
+    (what inference runs: batch norm folded, sparse layers on their measured plans, which
+    result.json records as `deploy_plan`)."""
     result.update(count(model, input_shape).totals())
     if latency and next(model.parameters()).device.type == "cpu":
-        result["latency_ms"] = latency_table(model, input_shape)
+        deployed = deploy(model)
+        result["latency_ms"] = latency_table(deployed, input_shape)
+        result["deploy_plan"] = deploy_plan(deployed)
 
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,

@@ -164,7 +164,7 @@ def test_kernel_rejects_a_pack_made_for_other_input_channels():
     with pytest.raises(RuntimeError, match="segments must cover the input channels"):
         EXTENSION.forward(torch.randn(1, 16, 4, 4), layer.packed_weights, layer.packed_channels, layer.packed_taps,
                           layer.packed_chunk_slot, layer.packed_chunk_group, layer.packed_segment_pair,
-                          layer.packed_bias, layer.packed_position, 1, False, None, 0)
+                          layer.packed_bias, layer.packed_position, 1, False, None, 0, False)
 
 
 def test_fallback_when_the_kernel_is_missing(monkeypatch):

@@ -54,12 +54,12 @@ def test_sparse_kernel_matches_masked_dense_convolution(kernel_isa):
                 layer = SparseConvInference(weight, bias, stride, mask=mask, relu=relu)
                 with torch.no_grad():
                     want = reference(weight, bias, x, stride, relu, residual)
-                    for blocks in (0, 1):
-                        got = layer.kernel(x, residual, pass_blocks=blocks)
+                    for blocks, serial in sparse_module.PASS_CHOICES.values():
+                        got = layer.kernel(x, residual, blocks, serial)
                         assert got.shape == want.shape
                         error = relative_error(got, want)
                         assert error < 1e-5, (f"{kernel_isa} {(c_in, c_out, h, w, stride, batch, k)} density={density} "
-                                              f"relu={relu} pass={blocks}: {error:.2e}")
+                                              f"relu={relu} pass={blocks} serial={serial}: {error:.2e}")
 
 
 @needs_kernel
@@ -111,7 +111,7 @@ def test_plan_picks_the_fastest_measured_candidate_and_the_cache_replays_it(monk
     monkeypatch.setattr(plans, "time_candidates", fake_times)
     layer = SparseConvInference(weight, None, 1, mask=mask)
     calls = []
-    monkeypatch.setattr(SparseConvInference, "kernel", lambda self, x, residual=None, pass_blocks=0:
+    monkeypatch.setattr(SparseConvInference, "kernel", lambda self, x, residual=None, pass_blocks=0, serial=False:
                         calls.append(pass_blocks) or F.conv2d(x, self.weight, None, 1, 1))
     with torch.no_grad():
         layer(x)

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..deploy import deploy, deploy_plan
 from ..errors import LeancnnError
 from ..measure import count, latency_table
 from ..measure.counting import parse_input_shape
@@ -30,12 +31,10 @@ def run_profile(args: argparse.Namespace) -> int:
         model = create_model(args.model, num_classes=args.classes, in_channels=input_shape[0], width=args.width)
         model, _ = apply_methods(model, args.methods)
         title = f"{args.model} at {'x'.join(map(str, input_shape))}" + (f" with {', '.join(args.methods)}" if args.methods else "")
-    if args.deploy:  # what inference runs: batch norm folded, pSConv on the compiled kernel
-        from ..deploy import deploy
-
+    if args.deploy:  # what inference runs: batch norm folded, sparse layers on their measured plans
         model = deploy(model)
         title += ", deployed"
-    profile = count(model, input_shape)
+    profile = count(model, input_shape)  # its batch-1 pass makes the deployed layers' batch-1 plans
     totals = profile.totals()
     output = {"input_shape": list(input_shape), "methods": args.methods, **totals,
               "layers": [row.as_dict() for row in profile.layers]}
@@ -46,6 +45,17 @@ def run_profile(args: argparse.Namespace) -> int:
             output["latency_ms_onnxruntime"] = {
                 f"batch{b}_threads{t}": round(measure_onnx_latency(model, input_shape, batch_size=b, threads=t).median_ms, 4)
                 for t in sorted({1, machine()["threads_default"]}) for b in (1, 64)}
+    if args.deploy:
+        output["deploy_plan"] = deploy_plan(model)
+        runs = {}  # layer -> what its first plan (batch 1, this thread count) runs, and in how long
+        for row in output["deploy_plan"]:
+            runs.setdefault(row["layer"], row)
+        for layer in output["layers"]:
+            plan = runs.get(layer["name"])
+            if plan is not None:
+                layer["runs"] = plan["choice"]
+                layer["runs_ms"] = plan["times_ms"][plan["choice"]]
+                layer["dense_ms"] = plan["times_ms"]["dense"]
     if args.json:
         print(json.dumps(output, indent=2))
     else:

@@ -209,9 +209,20 @@ struct Buffer {
 // enough batches, each thread builds its batch's planes in its own buffer (they stay in cache)
 // and runs its tiles; with few images (batch 1), planes are built for all of them in parallel and
 // then the tiles are split between threads.
+// at::parallel_for, or the whole range in the calling thread when `serial`: a small layer at
+// batch 1 can lose more to waking and joining threads (four times a call) than it gains.
+template <typename F>
+void parallel(bool serial, int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (serial) {
+    if (begin < end) f(begin, end);
+  } else {
+    at::parallel_for(begin, end, grain, f);
+  }
+}
+
 void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_t pairs, int64_t pass_blocks,
-                 const Steps& steps) {
-  const int64_t threads = at::get_num_threads();
+                 bool serial, const Steps& steps) {
+  const int64_t threads = serial ? 1 : at::get_num_threads();
   const int64_t image_pixels = p.out_h * p.out_w;
   const int64_t w16 = p.row_vectors;
   int widest_chunk = 1;
@@ -273,7 +284,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   };
   if (per_batch) {
     const int64_t batches = (p.images + batch - 1) / batch;
-    at::parallel_for(0, batches, 1, [&](int64_t begin, int64_t end) {
+    parallel(serial, 0, batches, 1, [&](int64_t begin, int64_t end) {
       static thread_local Buffer plane_buffer, stage_buffer;
       float* planes = plane_buffer.get(plane_floats);
       float* stage = stage_buffer.get(stage_floats);
@@ -291,11 +302,11 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   float* planes = plane_buffer.get(plane_floats);
   zero_slack(p, planes, p.images);
   for (int phase = 0; phase < 2; ++phase)  // phase 1 reads what all of phase 0 wrote
-    at::parallel_for(0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
+    parallel(serial, 0, build_units(p, p.images), 4, [&](int64_t begin, int64_t end) {
       steps.build(p, planes, 0, p.images, begin, end, phase);
     });
   if (tiles >= 2 * threads) {  // enough tiles to share
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    parallel(serial, 0, tiles, 1, [&](int64_t begin, int64_t end) {
       static thread_local Buffer stage_buffer;
       float* stage = stage_buffer.get(stage_floats);
       for (int64_t t = begin; t < end; ++t) run_tile(tile_at(p, planes, 0, p.images, q, t), stage);
@@ -307,14 +318,14 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   const int64_t filter_blocks = (p.out_channels + kPixelVector - 1) / kPixelVector;
   Buffer stage_buffer;
   float* stages = stage_buffer.get(tiles * stage_floats);
-  at::parallel_for(0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
+  parallel(serial, 0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / parts, part = item % parts;
       steps.compute(p, tile_at(p, planes, 0, p.images, q, t).base, q, stages + t * stage_floats,
                     part * p.chunks / parts, (part + 1) * p.chunks / parts);
     }
   });
-  at::parallel_for(0, tiles * filter_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel(serial, 0, tiles * filter_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / filter_blocks, f0 = (item % filter_blocks) * kPixelVector;
       const Tile tile = tile_at(p, planes, 0, p.images, q, t);
@@ -634,7 +645,7 @@ const char* isa_name(Isa isa) {
 torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
                       torch::Tensor chunk_slot, torch::Tensor chunk_group, torch::Tensor segment_pair, torch::Tensor bias,
                       torch::Tensor position, int64_t stride, bool relu, const c10::optional<torch::Tensor>& residual,
-                      int64_t pass_blocks) {
+                      int64_t pass_blocks, bool serial) {
   TORCH_CHECK(input.dim() == 4 && input.scalar_type() == torch::kFloat && input.device().is_cpu(),
               "pSConv kernel: input must be a 4-d float32 CPU tensor");
   TORCH_CHECK(stride == 1 || stride == 2, "pSConv kernel: stride must be 1 or 2");
@@ -700,10 +711,10 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
   const int64_t pairs = channels.numel();
   switch (detect()) {
 #ifdef LEANCNN_X86
-    case Isa::avx512: avx512::run(p, channel, tap, pairs, pass_blocks); break;
-    case Isa::avx2: avx2::run(p, channel, tap, pairs, pass_blocks); break;
+    case Isa::avx512: avx512::run(p, channel, tap, pairs, pass_blocks, serial); break;
+    case Isa::avx2: avx2::run(p, channel, tap, pairs, pass_blocks, serial); break;
 #endif
-    default: generic::run(p, channel, tap, pairs, pass_blocks);
+    default: generic::run(p, channel, tap, pairs, pass_blocks, serial);
   }
   return output;
 }
@@ -742,7 +753,7 @@ double peak_gflops(int64_t threads, double seconds) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward,
         "sparse 3x3 inference (channels_last, padding 1; optional residual added before the ReLU; pass_blocks: "
-        "input-channel blocks of 16 per pass, 0 = chosen by the kernel)");
+        "input-channel blocks of 16 per pass, 0 = chosen by the kernel; serial: in the calling thread only)");
   m.def("isa", &isa, "the instruction set the kernel runs with on this CPU");
   m.def("peak_gflops", &peak_gflops, "measured FMA throughput (GFLOP/s) of that instruction set");
 }

@@ -32,10 +32,12 @@ MAX_CHUNK = 6
 # them, and at least enough for ~128 pairs per pass (it decides per input shape; a plan may
 # override it, see PASS_CHOICES).
 CHANNEL_BLOCK = 16
-# Kernel variants a plan times besides the kernel's own pass size: one 16-channel block per
-# pass keeps a tile's inputs in L1 at the cost of reloading its sums more often (it won for
-# per-filter groups at density 0.05 on an AVX2 EPYC).
-PASS_CHOICES = {"kernel": 0, "kernel-pass1": 1}
+# Kernel variants a plan times: (input-channel blocks per pass, 0 = the kernel's own rule; run in
+# the calling thread only). One 16-channel block per pass keeps a tile's inputs in L1 at the cost
+# of reloading its sums more often (it won for per-filter groups on an AVX2 EPYC); one thread
+# spares a small layer at batch 1 the four thread wake-ups and joins of a call (there 2 threads
+# ran a pruned resnet18 slower than 1).
+PASS_CHOICES = {"kernel": (0, False), "kernel-pass1": (1, False), "kernel-pass1-serial": (1, True)}
 # Layers denser than this keep the dense convolution without planning: the kernel cannot win.
 MAX_PLANNED_DENSITY = 0.9
 
@@ -165,12 +167,13 @@ class SparseConvInference(nn.Module):
             out = out + residual
         return F.relu(out) if self.relu else out
 
-    def kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None, pass_blocks: int = 0) -> torch.Tensor:
+    def kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None, pass_blocks: int = 0,
+               serial: bool = False) -> torch.Tensor:
         """The compiled kernel (channels_last inside; the output in x's memory format)."""
         out = psconv_extension().forward(
             x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
             self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position, self.stride,
-            self.relu, residual, pass_blocks)
+            self.relu, residual, pass_blocks, serial)
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     def implementations(self, x: torch.Tensor, residual: torch.Tensor | None) -> dict:
@@ -189,7 +192,7 @@ class SparseConvInference(nn.Module):
         if choice == "dense":
             return self.dense(x, residual)
         if choice in PASS_CHOICES:
-            return self.kernel(x, residual, PASS_CHOICES[choice])
+            return self.kernel(x, residual, *PASS_CHOICES[choice])
         if choice == "dense-other-format":
             this = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             other = torch.contiguous_format if this is torch.channels_last else torch.channels_last

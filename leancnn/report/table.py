@@ -70,16 +70,24 @@ def print_runs(runs: list[dict[str, Any]], root: Path) -> None:
 
 
 def print_profile(title: str, rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:
+    """The per-layer table; a deployed model's rows that carry a plan (`runs`, `runs_ms`,
+    `dense_ms`) get a column with what the layer runs at batch 1 and its measured time."""
+    planned = any("runs" in row for row in rows)
+    columns = ["layer", "kind", "output", "params", "non-zero", "MACs dense", "MACs eff", "storage", "format"]
     table = Table(title=title)
-    for column in ("layer", "kind", "output", "params", "non-zero", "MACs dense", "MACs eff", "storage", "format"):
-        table.add_column(column, justify="left" if column in ("layer", "kind", "format") else "right")
+    for column in columns + (["runs (batch 1)"] if planned else []):
+        table.add_column(column, justify="left" if column in ("layer", "kind", "format", "runs (batch 1)") else "right")
     for row in rows:
-        table.add_row(row["name"], row["kind"], "x".join(map(str, row["output_shape"])), fmt_count(row["params"]),
-                      fmt_count(row["params_nonzero"]), fmt_count(row["macs_dense"]), fmt_count(row["macs_effective"]),
-                      fmt_bytes(row["storage_bytes"]), row["storage_format"])
+        cells = [row["name"], row["kind"], "x".join(map(str, row["output_shape"])), fmt_count(row["params"]),
+                 fmt_count(row["params_nonzero"]), fmt_count(row["macs_dense"]), fmt_count(row["macs_effective"]),
+                 fmt_bytes(row["storage_bytes"]), row["storage_format"]]
+        if planned:
+            cells.append(f"{row['runs']} {row['runs_ms']:.3f} ms (dense {row['dense_ms']:.3f})" if "runs" in row
+                         else "-")
+        table.add_row(*cells)
     table.add_row("total", "", "", fmt_count(totals["params_total"]), fmt_count(totals["params_nonzero"]),
                   fmt_count(totals["macs_dense"]), fmt_count(totals["macs_effective"]),
-                  fmt_bytes(totals["storage_bytes"]), "", style="bold")
+                  fmt_bytes(totals["storage_bytes"]), "", *([""] if planned else []), style="bold")
     console().print(table)
     dense, effective = totals["macs_dense"], totals["macs_effective"]
     if effective:
