@@ -138,7 +138,9 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
                             runs=20 if batch == 1 else 10).median_ms
             for cl in (True, False))
     result["deploy_plan"] = deploy_plan(model)
-    save_result(run_dir, {**read_json(run_dir / "result.json"), "deploy_plan": result["deploy_plan"]})
+    stored = read_json(run_dir / "result.json")
+    if stored.get("deploy_plan") != result["deploy_plan"]:  # a finished run is rewritten only when it changed
+        save_result(run_dir, {**stored, "deploy_plan": result["deploy_plan"]})
     return {"label": candidate.label, "run_dir": str(run_dir), **result}
 
 

@@ -30,11 +30,8 @@ def test_default_candidates_cover_registered_methods():
 
 
 def _plan(candidates):
-    # threads=2: on an AMD EPYC (AVX2) host, training this PS4_P4 model on one thread aborted
-    # inside oneDNN's convolution backward ("double free or corruption", also before the sparse
-    # kernel existed and with LEANCNN_NO_KERNELS=1); on two threads it trains.
     return BenchPlan(data="synthetic", model="resnet20", width=0.25, epochs=1, train_subset=400, test_subset=200,
-                     candidates=candidates, threads=2)
+                     candidates=candidates)
 
 
 def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):

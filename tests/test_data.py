@@ -179,3 +179,14 @@ def test_flip_and_loader_determinism():
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
     assert sorted(torch.cat([y for _, y in first]).tolist()) == list(range(50))
     assert 0.0 <= first[0][0].min() and first[0][0].max() <= 1.0
+
+
+def test_random_crop_returns_plain_contiguous_strides_for_one_channel():
+    """With one channel a permuted batch has strides (HW, 1, W, 1): contiguous and channels_last at
+    once. oneDNN's convolution backward corrupted the heap on such input (AMD EPYC, AVX2), so the
+    crop must hand out the ordinary contiguous strides."""
+    images = torch.randint(0, 256, (5, 1, 16, 12), dtype=torch.uint8)
+    out = random_crop(images, 2, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.stride() == (192, 192, 12, 1)
+    three = random_crop(torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), 1, torch.Generator().manual_seed(0))
+    assert three.stride() == (48, 16, 4, 1)

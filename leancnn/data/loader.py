@@ -18,8 +18,13 @@ def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) 
     rows = (dy[:, None] + torch.arange(height))[:, :, None]  # [B, H, 1]
     cols = (dx[:, None] + torch.arange(width))[:, None, :]   # [B, 1, W]
     batch_index = torch.arange(batch)[:, None, None]
-    # Advanced indexing puts the indexed dims first: [B, H, W, C] -> [B, C, H, W].
-    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2).contiguous()
+    # Advanced indexing puts the indexed dims first: [B, H, W, C] -> [B, C, H, W]. A fresh tensor in
+    # the contiguous format, not .contiguous(): with one channel the permuted result has strides
+    # (HW, 1, W, 1), which counts as contiguous and as channels_last at once, and oneDNN's
+    # convolution backward on an AVX2 AMD EPYC corrupted the heap on such an input (abort in
+    # training on one thread, a hang on two).
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
