@@ -38,7 +38,9 @@ SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 
           (32, 48, 19, 16, 1, 1), (24, 40, 8, 16, 1, 5), (20, 36, 3, 32, 1, 4),
           (16, 24, 6, 32, 2, 2), (20, 36, 7, 64, 2, 5),
           # many small images: each thread rearranges its own batch of images (the last one short)
-          (16, 16, 2, 3, 1, 40), (40, 24, 9, 9, 2, 12)]
+          (16, 16, 2, 3, 1, 40), (40, 24, 9, 9, 2, 12),
+          # stride 1, rows ending in a partly padded pixel vector (row planes): one image and many
+          (8, 16, 28, 28, 1, 3), (16, 8, 14, 14, 1, 1), (12, 20, 5, 13, 1, 6)]
 
 
 def isas() -> list[str]:

@@ -140,43 +140,59 @@ void finish_block(const Problem& p, const float* const* rows, int count, int64_t
 }
 }  // namespace scalar
 
+struct Tile;
+
 // The steps each instruction set implements (psconv_body.inc).
 struct Steps {
   void (*build)(const Problem&, float* planes, int64_t first_image, int64_t images, int64_t begin, int64_t end,
                 int phase);
   void (*compute)(const Problem&, const float* base, int q, float* stage, int64_t k_begin, int64_t k_end);
-  void (*finish)(const Problem&, const float* stage, int q, int64_t first_pixel, int64_t valid, int64_t f_begin,
-                 int64_t f_end);
+  void (*finish)(const Problem&, const float* stage, int q, const Tile& tile, int64_t f_begin, int64_t f_end);
   int (*tile_vectors)(int filters);  // pixel vectors per tile for chunks of up to `filters` filters
 };
 
-// Tile t (of q pixel vectors) of a batch of images whose planes are built: its first plane vector,
-// its first output pixel and how many of its pixels are real.
+// Tile t (of q pixel vectors) of a batch of images whose planes are built: its first plane vector;
+// with tap planes its first output pixel and how many of its pixels are real (they run on across
+// rows and images); with row planes its image's first output pixel and its first vector in the image
+// (output row oy, vector u is vector oy * row_vectors + u; a row's last vector may be partly padding).
 struct Tile {
   const float* base;
   int64_t first_pixel, valid;
+  int64_t image_pixel, first_vector;
 };
 
 int64_t tiles_in_batch(const Problem& p, int64_t images, int q) {
   const int64_t tile_pixels = int64_t(q) * kPixelVector, image_pixels = p.out_h * p.out_w;
-  return p.by_row ? images * ((image_pixels + tile_pixels - 1) / tile_pixels)
+  return p.by_row ? images * ((p.out_h * p.row_vectors + q - 1) / q)
                   : (images * image_pixels + tile_pixels - 1) / tile_pixels;
 }
 
 Tile tile_at(const Problem& p, const float* planes, int64_t first_image, int64_t images, int q, int64_t t) {
   const int64_t tile_pixels = int64_t(q) * kPixelVector, image_pixels = p.out_h * p.out_w;
   if (p.by_row) {  // tiles within each image; an image's plane rows start at its top padding row
-    const int64_t per_image = (image_pixels + tile_pixels - 1) / tile_pixels;
-    const int64_t image = t / per_image, first = (t % per_image) * tile_pixels;
+    const int64_t per_image = (p.out_h * p.row_vectors + q - 1) / q;
+    const int64_t image = t / per_image, first = (t % per_image) * q;
     // Output row oy reads padded rows from stride * oy on.
-    const int64_t oy = first / p.out_w, u = (first % p.out_w) / kPixelVector;
+    const int64_t oy = first / p.row_vectors, u = first % p.row_vectors;
     const int64_t vector = (image * (p.in_h + 2) + p.stride * oy) * p.row_vectors + u;
-    return {planes + vector * p.vector_stride, (first_image + image) * image_pixels + first,
-            std::min(tile_pixels, image_pixels - first)};
+    return {planes + vector * p.vector_stride, 0, 0, (first_image + image) * image_pixels, first};
   }
   const int64_t first = t * tile_pixels;  // one plane per tap: tiles run across images
   return {planes + (first / kPixelVector) * p.vector_stride, first_image * image_pixels + first,
-          std::min(tile_pixels, images * image_pixels - first)};
+          std::min(tile_pixels, images * image_pixels - first), 0, 0};
+}
+
+// Pixel vector v of a tile: its first output pixel and how many of its lanes are real pixels (0 for
+// a vector past the tile's pixels or its image's last row).
+inline int vector_span(const Problem& p, const Tile& tile, int64_t v, int64_t* out_pixel) {
+  if (!p.by_row) {
+    *out_pixel = tile.first_pixel + v * kPixelVector;
+    return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kPixelVector, tile.valid - v * kPixelVector)));
+  }
+  const int64_t vector = tile.first_vector + v, oy = vector / p.row_vectors, u = vector % p.row_vectors;
+  if (oy >= p.out_h) return 0;
+  *out_pixel = tile.image_pixel + oy * p.out_w + u * kPixelVector;
+  return static_cast<int>(std::min<int64_t>(kPixelVector, p.out_w - u * kPixelVector));
 }
 
 // Build units of a batch: padded rows (by_row) or pixel vectors; the vectors after them are slack
@@ -280,7 +296,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
   const int64_t tiles = tiles_in_batch(p, batch, q);
   const auto run_tile = [&](const Tile& tile, float* stage) {  // every chunk, then the output
     steps.compute(p, tile.base, q, stage, 0, p.chunks);
-    steps.finish(p, stage, q, tile.first_pixel, tile.valid, 0, p.out_channels);
+    steps.finish(p, stage, q, tile, 0, p.out_channels);
   };
   if (per_batch) {
     const int64_t batches = (p.images + batch - 1) / batch;
@@ -296,11 +312,11 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
           // One image: its padded rows are built just before the first tile that reads them, so a
           // tile's planes are still in L2 when it runs (a whole 64-channel 32x32 image's three
           // planes are ~850 KB, past the L2 of the cores this runs on).
-          const int64_t units = build_units(p, images), image_pixels = p.out_h * p.out_w;
+          const int64_t units = build_units(p, images), image_vectors = p.out_h * p.row_vectors;
           int64_t built = 0;
           for (int64_t t = 0; t < tiles_in_batch(p, images, q); ++t) {
-            const int64_t last_pixel = std::min(image_pixels, (t + 1) * q * kPixelVector) - 1;
-            const int64_t needed = std::min(units, p.stride * (last_pixel / p.out_w) + 3);  // rows up to dy = 2
+            const int64_t last_vector = std::min(image_vectors, (t + 1) * q) - 1;
+            const int64_t needed = std::min(units, p.stride * (last_vector / p.row_vectors) + 3);  // rows up to dy = 2
             if (needed > built) {
               steps.build(p, planes, first, images, built, needed, 0);
               built = needed;
@@ -346,7 +362,7 @@ void run_problem(Problem p, const int32_t* channels, const int32_t* taps, int64_
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / filter_blocks, f0 = (item % filter_blocks) * kPixelVector;
       const Tile tile = tile_at(p, planes, 0, p.images, q, t);
-      steps.finish(p, stages + t * stage_floats, q, tile.first_pixel, tile.valid, f0,
+      steps.finish(p, stages + t * stage_floats, q, tile, f0,
                    std::min(f0 + kPixelVector, p.out_channels));
     }
   });
@@ -716,13 +732,16 @@ torch::Tensor forward(torch::Tensor input, torch::Tensor weights, torch::Tensor 
     if (added.defined()) out += added;
     return relu ? out.clamp_min_(0) : out;
   }
-  // Rows of planes where every output row is whole pixel vectors and, at stride 2, the input row
-  // splits into even and odd pixels (W even).
-  const bool by_row = w % (kPixelVector * stride) == 0;
+  // Rows of planes where, at stride 2, every output row is whole pixel vectors and the input row
+  // splits into even and odd pixels (W a multiple of 32); at stride 1 also where a row's last vector
+  // is at most a quarter padding (W = 12..16, 24..32, ...: three planes and no shifted copies, where
+  // tap planes would write nine times the input).
+  const int64_t padded_w = (w + kPixelVector - 1) / kPixelVector * kPixelVector;
+  const bool by_row = stride == 2 ? w % (2 * kPixelVector) == 0 : 4 * (padded_w - w) <= padded_w;
   Problem p{x.data_ptr<float>(), weights.data_ptr<float>(), nullptr, slot, group, pair, nullptr,
             position.data_ptr<int32_t>(), bias.data_ptr<float>(), added.defined() ? added.data_ptr<float>() : nullptr,
             output.data_ptr<float>(), n, h, w, c_in, out_h, out_w, out_channels, chunks, groups, blocks, stride, 1, relu,
-            by_row, out_w / kPixelVector, 0, by_row ? 3 : 9, 0, 0, 0, 0};
+            by_row, (out_w + kPixelVector - 1) / kPixelVector, 0, by_row ? 3 : 9, 0, 0, 0, 0};
   const int32_t* channel = channels.data_ptr<int32_t>();
   const int32_t* tap = taps.data_ptr<int32_t>();
   const int64_t pairs = channels.numel();
