@@ -372,6 +372,7 @@ namespace generic {
 // Portable path: one "vector" is one float; the compiler may vectorise it.
 constexpr int kMaxQ = 1;
 constexpr int kAccumulators = kMaxChunk * kPixelVector;
+constexpr int kRegisters = 1 << 20;  // plain floats: the compiler's business
 using scalar::finish_block;
 using scalar::lanes_to_vectors;
 using scalar::shift_row;
@@ -395,6 +396,7 @@ namespace avx2 {
 // filter (irregular sparsity) x 4 pixel vectors.
 constexpr int kMaxQ = 4;
 constexpr int kAccumulators = 12;
+constexpr int kRegisters = 16;
 
 // r[i] = row i in, r[j] = column j out (8 x 8 floats).
 inline void transpose8(__m256 r[8]) {
@@ -542,9 +544,10 @@ constexpr int peak_lanes = 8;
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
-// Accumulators in 24 of the 32 registers: 6 filters x 4 pixel vectors, or up to 3 filters x 8.
+// Accumulators in 24 of the 32 registers: 6 filters x 4 pixel vectors, or up to 2 filters x 8.
 constexpr int kMaxQ = 8;
 constexpr int kAccumulators = 24;
+constexpr int kRegisters = 32;
 
 // r[i] = row i in, r[j] = column j out.
 inline void transpose16(__m512 r[16]) {
