@@ -222,3 +222,25 @@ def test_deployed_dnr_model_predicts_like_the_trained_one(tmp_path, fashion_mnis
         trained = torch.cat([model(batch).argmax(1) for batch in images.split(1000)])
         served = torch.cat([deployed(batch).argmax(1) for batch in images.split(1000)])
     assert (trained == served).float().mean().item() >= 0.999  # float rounding may flip a near tie
+
+
+@needs_kernel
+def test_profile_deploy_shows_what_each_pruned_layer_runs(capsys):
+    from leancnn.cli import main
+
+    code = main(["profile", "--model", "resnet20", "--input", "1x16x16", "--width", "0.25",
+                 "--method", "dnr:density=0.1,attack=none", "--deploy", "--json"])
+    assert code == 0
+    output = json.loads(capsys.readouterr().out)
+    planned = [layer for layer in output["layers"] if "runs" in layer]
+    assert len(planned) == 20 and {row["layer"] for row in output["deploy_plan"]} == {l["name"] for l in planned}
+    for layer in planned:  # the batch-1 plan of the profile's own pass: the fastest candidate, and dense's time
+        assert layer["runs"] in _any_layer().choices() and layer["runs_ms"] <= layer["dense_ms"]
+    assert all("batch=1 " in row["key"] for row in output["deploy_plan"])
+    assert main(["profile", "--model", "resnet20", "--input", "1x16x16", "--width", "0.25", "--deploy"]) == 0
+    assert "runs (batch 1)" not in capsys.readouterr().out  # a dense model has nothing planned: no column
+
+
+def _any_layer() -> SparseConvInference:
+    weight, mask = masked_weight(4, 4, 3, 0.5, seed=0)
+    return SparseConvInference(weight, None, 1, mask=mask)
