@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps "torchattacks==3.5.1"
 	@touch $(STAMP)
 
+# The library never installs anything: set-up checks the dataset and, as root on Debian,
+# installs its package (otherwise `leancnn datasets --check` says how to get it).
 data: $(STAMP)
-	@$(PY) -m leancnn.data.ensure fashion-mnist
+	@$(VENV)/bin/leancnn datasets --check fashion-mnist 2>/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "fashion-mnist: not found; installing Debian package dataset-fashion-mnist"; \
+			apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi; \
+		$(VENV)/bin/leancnn datasets --check fashion-mnist; }
 
 # The compiled pSConv kernel, into ~/.cache/leancnn (a minute the first time; without a
 # compiler leancnn says so and uses the masked dense convolution).
@@ -33,6 +39,7 @@ demo: setup
 	$(VENV)/bin/leancnn bench --quick --out bench/quick
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 clean-runs:

@@ -25,7 +25,7 @@ import torch
 
 from common import best_latency_ms, log, machine_line, pin_threads, publish
 
-from leancnn.commands.evaluate import attack_run
+from leancnn.evaluate import attack_run
 from leancnn.compress import compress_run
 from leancnn.config import TrainConfig
 from leancnn.deploy import deploy

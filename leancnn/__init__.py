@@ -1,5 +1,5 @@
 """leancnn: make convolutional networks cheaper to run, and prove it with honest measurements."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .deploy import deploy, deploy_plan  # noqa: E402  (the function shadows the submodule name on purpose)
 from .measure import count as profile  # noqa: E402

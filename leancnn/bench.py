@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,18 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .data import load_dataset
+from .evaluate import attack_run
+from .experiment import ensure_run
 from .errors import LeancnnError
-from .io import write_text
+from .io import slug, write_text
 from .deploy import deploy, deploy_plan
-from .measure import measure_latency
-from .measure.latency import cpu_model
+from .measure.latency import cpu_model, fastest_format_latency
+from .methods import METHODS
+from .models import create_model
 from .report.html import write_report
 from .report.pareto import pareto_front
+from .report.table import console, fmt_bytes, fmt_count, fmt_pct
 from .report.plots import plot_front
 from .runs import load_run, read_json, save_result
 
@@ -58,8 +62,6 @@ class BenchPlan:
 
 def default_candidates(method_names: list[str] | None = None, quick: bool = False) -> list[Candidate]:
     """Dense plus each method at its bench strengths (only the first with `quick`)."""
-    from .methods import METHODS
-
     candidates = [Candidate("dense", [])]
     names = method_names if method_names else [n for n in METHODS.names() if METHODS.get(n).bench_specs]
     for name in names:
@@ -74,15 +76,8 @@ def default_candidates(method_names: list[str] | None = None, quick: bool = Fals
     return candidates
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
-
-
 def _seconds_per_image(plan: BenchPlan) -> float:
     """Training seconds per image of the dense model, from a short probe."""
-    from .data import load_dataset
-    from .models import create_model
-
     dataset = load_dataset(plan.data, plan.data_dir)
     model = create_model(plan.model, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                          width=plan.width)
@@ -119,8 +114,6 @@ def fit_budget(plan: BenchPlan, budget_minutes: float, train_size: int) -> Bench
 
 
 def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bool) -> dict[str, Any]:
-    from .experiment import ensure_run
-
     run_dir = out / "runs" / slug(candidate.label)
     config = TrainConfig(data=plan.data, data_dir=plan.data_dir, model=plan.model, width=plan.width,
                          methods=candidate.methods, epochs=plan.epochs, train_subset=plan.train_subset,
@@ -133,10 +126,8 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
     model = deploy(model)
     shape = tuple(architecture["input_shape"])
     for batch in (1, 64):
-        result[f"latency_b{batch}_ms"] = min(
-            measure_latency(model, shape, batch_size=batch, threads=plan.threads or None, channels_last=cl,
-                            runs=20 if batch == 1 else 10).median_ms
-            for cl in (True, False))
+        result[f"latency_b{batch}_ms"] = fastest_format_latency(
+            model, shape, batch_size=batch, threads=plan.threads or None, runs=20 if batch == 1 else 10).median_ms
     result["deploy_plan"] = deploy_plan(model)
     stored = read_json(run_dir / "result.json")
     if stored.get("deploy_plan") != result["deploy_plan"]:  # a finished run is rewritten only when it changed
@@ -149,8 +140,6 @@ COLUMNS = ["candidate", "test acc", "robust acc", "params nz", "MACs eff", "stor
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], set[int]]:
-    from .report.table import fmt_bytes, fmt_count, fmt_pct
-
     dense = next((r for r in rows if r["label"] == "dense" and not r.get("error")), None)
     ok = [i for i, r in enumerate(rows) if not r.get("error")]
     front = {ok[i] for i in pareto_front([rows[i]["macs_effective"] for i in ok], [rows[i]["test_acc"] for i in ok])}
@@ -197,8 +186,6 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.table import Table
 
-    from .report.table import console
-
     lines, front = table_rows(rows)
     show_errors = any(line[-1] for line in lines)
     columns = COLUMNS if show_errors else COLUMNS[:-1]
@@ -211,8 +198,6 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 def run_bench(plan: BenchPlan, out: Path, *, progress: bool = True, attacks: list[str] | None = None) -> list[dict[str, Any]]:
-    from .commands.evaluate import attack_run
-
     rows = []
     for number, candidate in enumerate(plan.candidates, 1):
         print(f"[{number}/{len(plan.candidates)}] {candidate.label}", flush=True)

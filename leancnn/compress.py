@@ -14,10 +14,9 @@ from .config import TrainConfig, load_config, to_toml
 from .data import ImageDataset
 from .errors import LeancnnError
 from .experiment import measure_into, prepare_data
-from .io import write_text
+from .io import load_tensors, write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
-from .io import load_tensors
 from .runs import build_architecture, empty_result, read_json, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 
@@ -25,8 +24,9 @@ SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the
 
 
 @dataclass
-class CompressContext:
-    """What a post-training method may use: data, an accuracy probe and fine-tuning."""
+class CompressSession:
+    """The methods' CompressContext for one `leancnn compress`: the run's training split
+    with selection images held out, its config, and fine-tuning with its methods."""
 
     dataset: ImageDataset
     config: TrainConfig
@@ -75,7 +75,7 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     model.eval()
     dataset = prepare_data(config)
     train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
-    context = CompressContext(train_split, config, selection_images, selection_labels, existing, progress)
+    context = CompressSession(train_split, config, selection_images, selection_labels, existing, progress)
     before = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size).top1
     resolved: list[str] = []
     for method in new_methods:

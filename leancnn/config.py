@@ -19,36 +19,42 @@ from .errors import ConfigError
 Schedule = Literal["onecycle", "cosine", "step"]
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text (what `--help` and the TOML reference show)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    data: str = "fashion-mnist"
-    data_dir: str | None = None
-    model: str = "resnet20"
-    width: float = 1.0             # channel multiplier
-    methods: list[str] = field(default_factory=list)  # specs, applied in order
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1                # peak learning rate, for batch_size images per step
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    schedule: Schedule = "onecycle"
-    warmup_fraction: float = 0.15  # onecycle/cosine: share of all steps spent warming up
-    step_milestones: list[int] = field(default_factory=lambda: [40, 80, 100, 115, 130, 140])  # epochs
-    step_gamma: float = 0.2
-    augment: bool = True
-    train_subset: int | None = None  # images; None = whole split
-    test_subset: int | None = None
-    seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda
-    threads: int = 0               # 0 = torch's default (all cores)
+    data: str = option("fashion-mnist", "dataset name (see `leancnn datasets`)")
+    data_dir: str | None = option(None, "folder holding the dataset files")
+    model: str = option("resnet20", "model name (see `leancnn models`)")
+    width: float = option(1.0, "channel width multiplier")
+    methods: list[str] = option(factory=list, help="method specs, applied in order (see `leancnn methods`)")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(128, "images per step")
+    lr: float = option(0.1, "peak learning rate, for batch_size images per step")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    schedule: Schedule = option("onecycle", "learning-rate schedule")
+    warmup_fraction: float = option(0.15, "onecycle/cosine: share of all steps spent warming up")
+    step_milestones: list[int] = option(factory=lambda: [40, 80, 100, 115, 130, 140],
+                                        help="step schedule: epochs at which the lr is multiplied by step_gamma")
+    step_gamma: float = option(0.2, "step schedule: lr factor at each milestone")
+    augment: bool = option(True, "random crops and flips while training")
+    train_subset: int | None = option(None, "train on this many images (seeded subset; default: the whole split)")
+    test_subset: int | None = option(None, "evaluate on this many images")
+    seed: int = option(0, "random seed (data order, init, augmentation)")
+    device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(0, "CPU threads (0 = all)")
     # None = auto: on for CUDA; off for CPU training, where contiguous measured
     # 1.2x faster for resnet20 on this project's 2-core machines.
-    channels_last: bool | None = None
-    eval_batch_size: int = 500
-    latency: bool = True           # measure CPU latency into result.json (MACs and storage are always counted)
-    out: str | None = None         # run directory; default runs/<model>-<data>-s<seed>
+    channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA only)")
+    eval_batch_size: int = option(500, "images per evaluation batch")
+    latency: bool = option(True, "measure CPU latency (batch 1 and 64) into result.json; MACs and storage are always counted")
+    out: str | None = option(None, "run directory (default runs/<model>-w<width><methods>-<data>-s<seed>)")
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -103,6 +109,11 @@ def _check_type(key: str, value: Any, expected: Any, source: str) -> Any:
 
 def config_fields() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
+
+
+def config_help() -> dict[str, str]:
+    """Config key -> its help text."""
+    return {item.name: item.metadata.get("help", "") for item in dataclasses.fields(TrainConfig)}
 
 
 def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:

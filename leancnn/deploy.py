@@ -16,13 +16,26 @@ import copy
 import torch
 from torch import nn
 
+from .kernels.psconv import PSConvInference, kernel_applies
+from .kernels.sparse import MAX_PLANNED_DENSITY, SparseConvInference, conv_applies
+from .layers.psconv import PSConv2d
+from .models.resnet import BasicBlock
+from .surgery import replace_module
+
 
 def _foldable(conv: nn.Module) -> bool:
     # Per-output-channel scaling commutes with these layers: their output is linear in
     # `weight` row by row (pSConv's mask is fixed per kernel). Other layers keep their norm.
-    from .layers.psconv import PSConv2d
-
     return type(conv) in (nn.Conv2d, PSConv2d)
+
+
+@torch.no_grad()
+def folded_weight_and_bias(conv: nn.Module, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of the convolution equal to `norm(conv(x))` with the norm's
+    running statistics (eval mode): each output channel scaled by gamma / sqrt(var + eps)."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    return conv.weight * scale.view(-1, 1, 1, 1), (bias - norm.running_mean) * scale + norm.bias
 
 
 @torch.no_grad()
@@ -38,10 +51,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             conv, norm = module[index], module[index + 1]
             if not (isinstance(norm, nn.BatchNorm2d) and _foldable(conv) and norm.track_running_stats):
                 continue
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            new_bias = (bias - norm.running_mean) * scale + norm.bias
+            new_weight, new_bias = folded_weight_and_bias(conv, norm)
+            conv.weight.copy_(new_weight)
             if conv.bias is None:
                 conv.bias = nn.Parameter(new_bias)
             else:
@@ -53,9 +64,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def _kernel_layer(layer: nn.Module, relu: bool) -> nn.Module | None:
     """The inference layer for `layer` if the sparse kernel may run it: a pSConv layer, or a
     plain convolution with zeros in its weight (a pruned or masked one); else None."""
-    from .kernels.psconv import PSConvInference, kernel_applies
-    from .kernels.sparse import MAX_PLANNED_DENSITY, SparseConvInference, conv_applies
-
     if kernel_applies(layer):
         return PSConvInference(layer, relu=relu)
     if type(layer) is nn.Conv2d and conv_applies(layer) and layer.weight.numel():
@@ -69,8 +77,6 @@ def swap_kernel_layers(model: nn.Module) -> nn.Module:
     """Every convolution the sparse kernel can compute (pSConv, and pruned or masked 3x3 / 1x1
     convolutions) -> its inference layer, fusing a ReLU that follows it (directly, or after a
     folded batch norm) in the same Sequential. Each such layer runs what its plan measured faster."""
-    from .methods.surgery import replace_module
-
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue
@@ -111,10 +117,6 @@ class KernelResidualBlock(nn.Module):
 def fuse_residuals(model: nn.Module) -> nn.Module:
     """Every BasicBlock whose conv2 is a kernel layer (then identities) and whose ReLU
     is a plain ReLU -> KernelResidualBlock."""
-    from .kernels.sparse import SparseConvInference
-    from .methods.surgery import replace_module
-    from .models.resnet import BasicBlock
-
     for name, block in list(model.named_modules()):
         if not name or not (isinstance(block, BasicBlock) and type(block.relu) is nn.ReLU
                 and isinstance(block.conv2, nn.Sequential) and len(block.conv2)
@@ -147,8 +149,6 @@ def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Te
 def deploy_plan(model: nn.Module) -> list[dict]:
     """What each sparse-kernel layer of a deployed model runs: one row per layer and plan key
     (batch, threads, memory format), with the choice and every candidate's measured time."""
-    from .kernels.sparse import SparseConvInference
-
     rows = []
     for name, layer in model.named_modules():
         if isinstance(layer, SparseConvInference):

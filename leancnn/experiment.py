@@ -2,6 +2,7 @@
 -> finalize -> measure -> run directory + runs database."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,14 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, to_toml
-from .data import ImageDataset, load_dataset
+from .data import DATASETS, ImageDataset, load_dataset
 from .errors import LeancnnError
 from .io import write_text
 from .deploy import deploy, deploy_plan
 from .measure import count, latency_table
 from .measure.latency import machine
-from .methods import Method, apply_methods
-from .models import create_model
+from .methods import Method, apply_methods, parse_method
+from .models import MODELS, create_model
 from .runs import empty_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 
@@ -66,10 +67,6 @@ def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[in
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
-    from .data import DATASETS
-    from .methods import parse_method
-    from .models import MODELS
-
     MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
     for spec in config.methods:
         parse_method(spec)
@@ -113,8 +110,6 @@ def ensure_run(config: TrainConfig, *, progress: bool = True,
     """The result of the run in config.run_dir(): read when finished, resumed
     when a checkpoint is there, trained otherwise. Lets long benchmarks be
     killed and started again without losing work."""
-    import json
-
     run_dir = config.run_dir()
     if (run_dir / "result.json").is_file():
         return json.loads((run_dir / "result.json").read_text())

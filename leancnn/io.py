@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -54,3 +55,9 @@ def load_tensors(path: str | Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def slug(text: str, empty: str = "run") -> str:
+    """A file name for `text`: every run of characters other than letters, digits, '_', '.'
+    and '-' becomes one '_' ('dnr:density=0.1' -> 'dnr_density_0.1')."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or empty

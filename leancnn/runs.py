@@ -13,11 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torch import nn
 
 from .errors import LeancnnError
 from .io import load_tensors, save_tensors, write_json, write_text
+from .methods import apply_methods
+from .models import create_model
+from .version import __version__
 
 RESULT_KEYS = ("dataset", "model", "methods", "epochs", "seed", "test_acc", "test_top5", "params_total",
                "params_nonzero", "macs_dense", "macs_effective", "storage_bytes", "latency_ms", "robust",
@@ -26,10 +30,6 @@ DB_NAME = "runs.db"
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
-    from . import __version__
-
     return {"leancnn": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
 
@@ -60,9 +60,6 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def build_architecture(architecture: dict[str, Any]) -> tuple[nn.Module, list]:
     """Rebuild a model (methods applied) from model.json's description."""
-    from .methods import apply_methods
-    from .models import create_model
-
     model = create_model(architecture["model"], **architecture["model_kwargs"])
     return apply_methods(model, architecture.get("methods", []))
 

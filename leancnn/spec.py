@@ -23,6 +23,24 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name.strip(), options
 
 
+def strip_optional(hint: Any) -> Any:
+    """`X | None` -> X; any other hint unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def parse_value(value: str | list[str], target: Any, where: str) -> Any:
+    """A string (or a list of them, for list[...] hints) read as the type `target`:
+    the one converter for spec options and command-line flags."""
+    if typing.get_origin(target) is list:
+        items = value if isinstance(value, list) else [v for v in value.split(",") if v.strip()]
+        return [parse_value(item, typing.get_args(target)[0], where) for item in items]
+    return _convert(value, target, where)
+
+
 def _convert(value: str, target: Any, where: str) -> Any:
     origin = typing.get_origin(target)
     if origin in (typing.Union, types.UnionType):
@@ -71,7 +89,7 @@ def build_options(cls: type, raw: dict[str, str], where: str) -> Any:
         if key not in names:
             allowed = ", ".join(names) or "(none)"
             raise ConfigError(f"{where}: unknown option {key!r}; allowed: {allowed}")
-        values[key] = _convert(value, hints[key], f"{where} option {key!r}")
+        values[key] = parse_value(value, hints[key], f"{where} option {key!r}")
     return cls(**values)
 
 

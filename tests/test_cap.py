@@ -102,7 +102,7 @@ def test_cap_bad_options(spec, message):
 
 
 def test_cap_unknown_layout_fails_before_changes(tmp_path):
-    from leancnn.compress import CompressContext
+    from leancnn.compress import CompressSession
     from leancnn.config import TrainConfig
     from leancnn.data import load_dataset
     from leancnn.methods import parse_method
@@ -110,7 +110,7 @@ def test_cap_unknown_layout_fails_before_changes(tmp_path):
     model = create_model("mobilenetv2", in_channels=1, width=0.25)
     before = copy.deepcopy(model.state_dict())
     dataset = load_dataset("synthetic")
-    context = CompressContext(dataset, TrainConfig(), dataset.test_images, dataset.test_labels, [], False)
+    context = CompressSession(dataset, TrainConfig(), dataset.test_images, dataset.test_labels, [], False)
     with pytest.raises(ConfigError, match="does not know"):
         parse_method("cap:macs=0.5").compress(model, context)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

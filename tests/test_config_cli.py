@@ -47,7 +47,7 @@ def test_bad_config_files(tmp_path, text, message):
     (["train", "--model", "resnet7", "--no-progress"], "unknown model 'resnet7'; choose one of:"),
     (["train", "--data", "imagenet", "--no-progress"], "unknown dataset 'imagenet'; choose one of:"),
     (["train", "--method", "nosuch", "--no-progress"], "unknown method 'nosuch'"),
-    (["train", "--epochs", "x"], "invalid int value: 'x'"),
+    (["train", "--epochs", "x"], "--epochs: 'x' is not a valid int"),
     (["train", "--config", "missing.toml"], "missing.toml: config file not found"),
 ])
 def test_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):

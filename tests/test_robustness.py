@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from leancnn.cli import main
+from leancnn.data import load_dataset
 from leancnn.errors import ConfigError
 from leancnn.measure import parse_attack, robust_accuracy
 from leancnn.measure.latency import measure_latency
 from leancnn.runs import load_run
 from leancnn.train import evaluate
+from tests.test_data import write_idx_dataset
 
 SAMPLE = 300
 
@@ -32,13 +34,14 @@ def test_pgd_with_zero_eps_is_clean_accuracy(model_and_data):
     assert robust_accuracy(model, images, labels, parse_attack("fgsm:eps=0"), progress=False) == clean
 
 
-def test_attack_strength_ordering(model_and_data):
+def test_attack_strength_ordering(model_and_data, fashion_mnist):
     model, images, labels = model_and_data
+    eps = fashion_mnist.attack_eps
     noise = 0.02  # 6 of 300 images
     clean = evaluate(model, images, labels).top1
-    fgsm = robust_accuracy(model, images, labels, parse_attack("fgsm", "fashion-mnist"), progress=False)
-    pgd10 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=10", "fashion-mnist"), progress=False)
-    pgd20 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=20", "fashion-mnist"), progress=False)
+    fgsm = robust_accuracy(model, images, labels, parse_attack("fgsm", eps), progress=False)
+    pgd10 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=10", eps), progress=False)
+    pgd20 = robust_accuracy(model, images, labels, parse_attack("pgd:steps=20", eps), progress=False)
     assert clean > 0.6, "the fixture model must be trained for these checks to mean anything"
     assert pgd10 <= fgsm + noise <= clean + 2 * noise
     assert pgd20 <= pgd10 + noise
@@ -85,10 +88,15 @@ def test_recorded_spec_lists_only_the_options_an_attack_reads():
     assert parse_attack("pgd:eps=0.1,steps=5").spec == "pgd:eps=0.1,step=None,steps=5,random_start=True,norm=linf"
 
 
-def test_default_eps_by_dataset():
-    assert parse_attack("pgd", "fashion-mnist").options.eps == 0.1
-    assert parse_attack("pgd", "cifar10").options.eps == pytest.approx(8 / 255)
-    assert parse_attack("fgsm:eps=8/255").options.eps == pytest.approx(8 / 255)
+def test_default_eps_comes_from_the_dataset(tmp_path):
+    write_idx_dataset(tmp_path / "mnist")
+    grey = load_dataset("mnist", tmp_path / "mnist").subset(10, 5)   # a subset keeps the budget
+    natural = load_dataset("synthetic")
+    assert grey.attack_eps == 0.1 and natural.attack_eps == pytest.approx(8 / 255)
+    assert parse_attack("pgd", grey.attack_eps).options.eps == 0.1
+    assert parse_attack("pgd", natural.attack_eps).options.eps == pytest.approx(8 / 255)
+    assert parse_attack("fgsm:eps=8/255", 0.1).options.eps == pytest.approx(8 / 255)   # the spec wins
+    assert parse_attack("pgd").options.eps == pytest.approx(8 / 255)
 
 
 def test_l2_pgd_stays_in_ball(model_and_data):

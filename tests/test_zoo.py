@@ -14,29 +14,29 @@ import pytest
 import torch
 
 from leancnn.errors import LeancnnError
-from leancnn.zoo import Candidate, Selector, pareto_front, thin
+from leancnn.zoo import FrontModel, Selector, pareto_front, thin
 
 from .conftest import tiny_config
 
 
-def names(models: list[Candidate]) -> list[str]:
+def names(models: list[FrontModel]) -> list[str]:
     return [m.name for m in models]
 
 
 def test_front_drops_slower_and_less_accurate_models():
-    table = [Candidate("a", 1.0, 0.80), Candidate("b", 2.0, 0.85), Candidate("slow-bad", 3.0, 0.84),
-             Candidate("c", 4.0, 0.90), Candidate("equal-acc-slower", 5.0, 0.90), Candidate("d", 6.0, 0.91),
-             Candidate("same-time-worse", 4.0, 0.70)]
+    table = [FrontModel("a", 1.0, 0.80), FrontModel("b", 2.0, 0.85), FrontModel("slow-bad", 3.0, 0.84),
+             FrontModel("c", 4.0, 0.90), FrontModel("equal-acc-slower", 5.0, 0.90), FrontModel("d", 6.0, 0.91),
+             FrontModel("same-time-worse", 4.0, 0.70)]
     assert names(pareto_front(table)) == ["a", "b", "c", "d"]
 
 
 def test_front_of_equal_times_keeps_the_more_accurate():
-    assert names(pareto_front([Candidate("x", 1.0, 0.5), Candidate("y", 1.0, 0.6)])) == ["y"]
+    assert names(pareto_front([FrontModel("x", 1.0, 0.5), FrontModel("y", 1.0, 0.6)])) == ["y"]
 
 
 def test_thinning_needs_an_epsilon_step():
-    front = [Candidate("a", 1.0, 0.800), Candidate("b", 2.0, 0.801), Candidate("c", 3.0, 0.803),
-             Candidate("d", 4.0, 0.804), Candidate("e", 5.0, 0.810)]
+    front = [FrontModel("a", 1.0, 0.800), FrontModel("b", 2.0, 0.801), FrontModel("c", 3.0, 0.803),
+             FrontModel("d", 4.0, 0.804), FrontModel("e", 5.0, 0.810)]
     assert names(thin(front, 0.002)) == ["a", "c", "e"]
     assert names(thin(front, 0.0)) == names(front)
     assert names(thin(front, 0.5)) == ["a"]
@@ -45,7 +45,7 @@ def test_thinning_needs_an_epsilon_step():
 
 
 def test_selector_at_every_boundary():
-    models = [Candidate("fast", 1.0, 0.8), Candidate("mid", 2.0, 0.85), Candidate("slow", 3.0, 0.9)]
+    models = [FrontModel("fast", 1.0, 0.8), FrontModel("mid", 2.0, 0.85), FrontModel("slow", 3.0, 0.9)]
     selector = Selector(models)
     cases = {0.0: (0, False), 0.999: (0, False), 1.0: (0, True), 1.5: (0, True), 1.999: (0, True), 2.0: (1, True),
              2.5: (1, True), 3.0: (2, True), 1e9: (2, True), -5.0: (0, False)}
@@ -56,7 +56,7 @@ def test_selector_at_every_boundary():
     assert refusing.choose(0.5).index is None and not refusing.choose(0.5).fits
     assert refusing.choose(2.0).index == 1
     with pytest.raises(ValueError):
-        Selector([Candidate("b", 2.0, 0.9), Candidate("a", 1.0, 0.8)])  # not sorted
+        Selector([FrontModel("b", 2.0, 0.9), FrontModel("a", 1.0, 0.8)])  # not sorted
     with pytest.raises(ValueError):
         Selector(models, policy="maybe")
 
@@ -211,7 +211,7 @@ def test_refuse_policy_answers_without_a_model(tiny_zoo):
 
 
 def test_selector_stays_exact_when_measured_times_stop_rising():
-    models = [Candidate("fast", 1.0, 0.8), Candidate("mid", 2.0, 0.85), Candidate("slow", 3.0, 0.9)]
+    models = [FrontModel("fast", 1.0, 0.8), FrontModel("mid", 2.0, 0.85), FrontModel("slow", 3.0, 0.9)]
     selector = Selector(models)
     selector.update(1, 5.0)   # "mid" measured slower than the more accurate "slow"
     brute = lambda budget: max((i for i, t in enumerate(selector.own_times) if t <= budget), default=None)  # noqa: E731
@@ -298,7 +298,8 @@ def test_server_says_so_when_its_worker_dies(tiny_zoo):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--quantile", "2"], "--quantile must be in (0, 1], got 2.0"),
+    (["--quantile", "2"], "--quantile must be median, pNN (p90, p99) or a fraction in (0, 1], got '2'"),
+    (["--quantile", "p200"], "--quantile must be median, pNN (p90, p99) or a fraction in (0, 1], got 'p200'"),
     (["--blocking-risk", "1.5"], "--blocking-risk must be in [0, 1)"),
     (["--inference-cpus", "999"], "--inference-cpus names CPU(s) [999] this process cannot use"),
     (["--inference-cpus", "one"], "--inference-cpus must be CPU ids separated by commas"),
@@ -335,3 +336,21 @@ def test_zoo_build_trains_a_generated_family(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         raise SystemExit(main(["zoo", "build", "--out", str(tmp_path / "none")]))
     assert exit_info.value.code == 2 and "--from SOURCE" in capsys.readouterr().err
+
+
+def test_quantiles_are_written_the_same_way_on_every_command():
+    from leancnn.measure.latency import parse_quantile
+
+    assert [parse_quantile(text, "--q") for text in ("median", "p90", "P99", "0.95", "1")] == [0.5, 0.9, 0.99, 0.95, 1.0]
+    for bad in ("0", "p0", "fast", "-0.5"):
+        with pytest.raises(LeancnnError, match="--q must be median, pNN"):
+            parse_quantile(bad, "--q")
+
+
+def test_zoo_build_accepts_only_the_quantiles_a_zoo_records(tmp_path, capsys):
+    from leancnn.cli import main
+
+    code = main(["zoo", "build", "--from", str(tmp_path), "--out", str(tmp_path / "zoo"), "--quantile", "p99"])
+    assert code == 2
+    assert "a zoo records the median and p90 of each model, got 'p99'" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()

@@ -1,19 +1,55 @@
-"""`leancnn bench` and `leancnn report`."""
+"""`leancnn bench`: the main job."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..bench import QUICK, BenchPlan, default_candidates, describe, fit_budget, print_table, run_bench, write_outputs
-from ..errors import LeancnnError
+from ..data import DATASETS, load_dataset
+from ..methods import parse_method
+from ..models import MODELS
+from .base import Command, print_json, register_command
+
+
+@register_command
+class Bench(Command):
+    name = "bench"
+    help = "the main job: compare methods on one dataset (table, Pareto plots, report)"
+    description = ("Train a dense baseline and every registered method at a few strengths, measure them the same "
+                   "way, and write OUT/results.{md,csv}, OUT/pareto_*.png and OUT/report.html. Finished candidates "
+                   "are skipped on a second run.")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--data", default="fashion-mnist", help="dataset (default fashion-mnist)")
+        parser.add_argument("--data-dir", default=None)
+        parser.add_argument("--model", default=None, help="model (default resnet20)")
+        parser.add_argument("--width", type=float, default=None, help="width multiplier (default 1.0; --quick: 0.5)")
+        parser.add_argument("--methods", nargs="+", default=None,
+                            help="methods or specs to compare (default: every registered method at its bench "
+                                 "strengths)")
+        parser.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default 5; --quick: 2)")
+        parser.add_argument("--train-subset", type=int, default=None,
+                            help="training images (default all; --quick: 8000)")
+        parser.add_argument("--test-subset", type=int, default=None, help="test images (default all; --quick: 2000)")
+        parser.add_argument("--budget-minutes", type=float, default=None,
+                            help="cut epochs, then training images, so the bench fits; says what it cut")
+        parser.add_argument("--attack", action="append", default=[],
+                            help="also measure accuracy under this attack (repeatable)")
+        parser.add_argument("--quick", action="store_true",
+                            help="a small real bench for a first look: resnet20 width 0.5, 2 epochs on 8000 images, "
+                                 "each method at its first strength (about 3 minutes on 2 cores)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--threads", type=int, default=0,
+                            help="CPU threads for training and latency (0 = all)")
+        parser.add_argument("--out", default="bench", help="output folder (default bench/)")
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_bench_command(args)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from ..data import DATASETS, load_dataset
-    from ..methods import parse_method
-    from ..models import MODELS
-
     DATASETS.get(args.data)
     quick = QUICK if args.quick else {}
     model = args.model or quick.get("model", "resnet20")
@@ -38,32 +74,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     title = f"leancnn bench: {plan.model} on {plan.data}"
     files = write_outputs(rows, out, title, notes)
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print_json(rows)
     else:
         print_table(rows, title)
         print(f"report: {files['report']}\ntable: {files['markdown']} and {files['csv']}\n"
               f"plots: {', '.join(str(p) for k, p in files.items() if k.startswith('plot_'))}")
-    return 0
-
-
-def run_report_command(args: argparse.Namespace) -> int:
-    from ..runs import read_json
-
-    rows = []
-    for run in args.runs:
-        run_dir = Path(run)
-        result = read_json(run_dir / "result.json")
-        latency = result.get("latency_ms") or {}
-        b1 = next((v for k, v in latency.items() if k.startswith("batch1_")), None)
-        b64 = next((v for k, v in latency.items() if k.startswith("batch64_")), None)
-        if b1 is None or b64 is None:
-            raise LeancnnError(f"{run_dir}: result.json has no batch-1 and batch-64 latency; train with --latency")
-        label = ", ".join(result["methods"]) or "dense"
-        rows.append({"label": label, "run_dir": str(run_dir),
-                     **result, "latency_b1_ms": b1, "latency_b64_ms": b64})
-    out = Path(args.out)
-    title = "leancnn report"
-    files = write_outputs(rows, out, title, [f"{len(rows)} runs: " + ", ".join(args.runs)])
-    print_table(rows, title)
-    print(f"report: {files['report']}")
     return 0

@@ -2,52 +2,33 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
 
-from ..config import load_config
-from ..data import ImageDataset, load_dataset
-from ..measure import parse_attack, robust_accuracy
-from ..runs import load_run, read_json, save_result
-from ..train import EvalResult, evaluate
+from ..evaluate import evaluate_run
+from ..runs import read_json
+from .base import Command, print_json, register_command
 
 
-def run_test_split(run_dir: Path, result: dict[str, Any], data_dir: str | None,
-                   test_subset: int | None) -> ImageDataset:
-    """The run's dataset, cut to the run's (or the given) test subset."""
-    config = load_config(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else None
-    dataset = load_dataset(result["dataset"], data_dir or (config.data_dir if config else None))
-    subset = test_subset or (config.test_subset if config else None)
-    if subset:
-        dataset = dataset.subset(None, subset, seed=config.seed if config else 0)
-    return dataset
+@register_command
+class Eval(Command):
+    name = "eval"
+    help = "accuracy, and with --attack robust accuracy"
+    description = ("Evaluate a run on its dataset's test split; --attack adds accuracy under attack and records it "
+                   "in result.json's `robust`.")
 
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run", help="run directory")
+        parser.add_argument("--attack", action="append", default=[],
+                            help="attack spec, repeatable: fgsm:eps=0.1 or "
+                                 "pgd:eps=0.1,steps=20,step=0.025,random_start=false,norm=linf")
+        parser.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
+        parser.add_argument("--data-dir", default=None, help="dataset folder, if not the run's")
+        parser.add_argument("--batch-size", type=int, default=250)
+        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--no-progress", action="store_true")
 
-def attack_run(run_dir: Path, attack_specs: list[str], *, test_subset: int | None = None, data_dir: str | None = None,
-               batch_size: int = 250, progress: bool = True) -> dict[str, float]:
-    """Accuracy under each attack, recorded in the run's result.json (`robust`)."""
-    return evaluate_run(run_dir, attack_specs, test_subset=test_subset, data_dir=data_dir,
-                        batch_size=batch_size, progress=progress)[1]
-
-
-def evaluate_run(run_dir: Path, attack_specs: list[str], *, test_subset: int | None = None,
-                 data_dir: str | None = None, batch_size: int = 250,
-                 progress: bool = True) -> tuple[EvalResult, dict[str, float]]:
-    result = read_json(run_dir / "result.json")
-    attacks = [parse_attack(spec, result["dataset"]) for spec in attack_specs]  # fail before any work
-    model, _ = load_run(run_dir)
-    dataset = run_test_split(run_dir, result, data_dir, test_subset)
-    images, labels = dataset.test_images, dataset.test_labels
-    clean = evaluate(model, images, labels, batch_size=batch_size)
-    robust = dict(result.get("robust") or {})
-    for attack in attacks:
-        robust[attack.name] = robust_accuracy(model, images, labels, attack, batch_size=batch_size, progress=progress)
-    if attacks:
-        result["robust"] = robust
-        result.setdefault("robust_settings", {}).update({a.name: a.spec for a in attacks})
-        save_result(run_dir, result)
-    return clean, robust
+    def run(self, args: argparse.Namespace) -> int:
+        return run_eval(args)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -56,8 +37,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                  batch_size=args.batch_size, progress=not args.no_progress)
     settings = read_json(run_dir / "result.json").get("robust_settings", {})
     if args.json:
-        print(json.dumps({"run_dir": str(run_dir), "test_images": clean.count, "test_acc": clean.top1,
-                          "test_top5": clean.top5, "robust": robust, "robust_settings": settings}, indent=2))
+        print_json({"run_dir": str(run_dir), "test_images": clean.count, "test_acc": clean.top1,
+                    "test_top5": clean.top5, "robust": robust, "robust_settings": settings})
     else:
         print(f"{run_dir}: clean accuracy {100 * clean.top1:.2f}% on {clean.count} test images")
         for name, value in robust.items():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..deploy import deploy, deploy_plan
@@ -11,14 +10,38 @@ from ..measure import count, latency_table
 from ..measure.counting import parse_input_shape
 from ..measure.latency import machine
 from ..measure.onnx_latency import measure_onnx_latency, onnx_available
+from ..methods import apply_methods
+from ..models import create_model
+from ..report.table import print_profile
+from ..runs import load_run
+from .base import Command, print_json, register_command
+
+
+@register_command
+class Profile(Command):
+    name = "profile"
+    help = "params, MACs, storage and latency, per layer"
+    description = ("Per-layer table and totals of parameters, MACs (dense and effective) and storage; of a run, "
+                   "or of a registered model with --model.")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run", nargs="?", help="run directory")
+        parser.add_argument("--model", help="registered model name, instead of a run")
+        parser.add_argument("--input", default=None, help="input shape CxHxW (default: the run's, or 3x32x32)")
+        parser.add_argument("--classes", type=int, default=10, help="classes for --model (default 10)")
+        parser.add_argument("--width", type=float, default=1.0, help="width multiplier for --model")
+        parser.add_argument("--method", dest="methods", action="append", default=[], help="method spec, repeatable")
+        parser.add_argument("--deploy", action="store_true",
+                            help="profile and time the deployed model (batch norm folded, sparse layers on their "
+                                 "measured plans); adds what each layer runs")
+        parser.add_argument("--latency", action="store_true", help="also measure CPU latency (batch 1 and 64)")
+        parser.add_argument("--json", action="store_true", help="print figures as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        return run_profile(args)
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from ..methods import apply_methods
-    from ..models import create_model
-    from ..report.table import print_profile
-    from ..runs import load_run
-
     if bool(args.run) == bool(args.model):
         raise LeancnnError("give either a run directory or --model NAME, not both and not neither")
     if args.run:
@@ -57,7 +80,7 @@ def run_profile(args: argparse.Namespace) -> int:
                 layer["runs_ms"] = plan["times_ms"][plan["choice"]]
                 layer["dense_ms"] = plan["times_ms"]["dense"]
     if args.json:
-        print(json.dumps(output, indent=2))
+        print_json(output)
     else:
         print_profile(title, output["layers"], totals)
         for key, value in output.get("latency_ms", {}).items():

@@ -1,6 +1,7 @@
 """The in-memory dataset every reader returns."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ class ImageDataset:
     horizontal_flip: bool = False
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    # The default attack budget (L-inf, [0, 1] pixel units) for robust accuracy on these
+    # images: 8/255 for natural images, as the literature attacks CIFAR and ImageNet.
+    attack_eps: float = 8 / 255
 
     def __post_init__(self) -> None:
         for split, images, labels in (
@@ -64,10 +68,8 @@ class ImageDataset:
 
         train_images, train_labels = pick(self.train_images, self.train_labels, train)
         test_images, test_labels = pick(self.test_images, self.test_labels, test)
-        return ImageDataset(
-            self.name, train_images, train_labels, test_images, test_labels, self.num_classes,
-            self.class_names, self.crop_padding, self.horizontal_flip, self.mean, self.std,
-        )
+        return dataclasses.replace(self, train_images=train_images, train_labels=train_labels,
+                                   test_images=test_images, test_labels=test_labels)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -1,5 +1,5 @@
 """Measurement: counting (params, MACs dense and effective, storage), latency, robustness."""
-from .attacks import ATTACKS, Attack, parse_attack
+from .attacks import ATTACKS, Attack, FGSMOptions, PGDOptions, parse_attack
 from .counting import LayerCost, Profile, count
 from .latency import latency_table, machine, measure_latency
 from .robustness import robust_accuracy

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..train.progress import progress_bar
+from ..progress import progress_bar
 from .attacks import Attack
 
 

@@ -3,17 +3,48 @@ prepare (before training), training hooks, finalize (after training)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
 
+from ..config import TrainConfig
+from ..data import ImageDataset
 from ..registry import Registry
 from ..spec import build_options, format_spec, split_spec
 
-if TYPE_CHECKING:
-    from ..compress import CompressContext
-    from ..train.trainer import Trainer
+
+class EpochState(Protocol):
+    epoch: int  # the epoch being trained, from 0
+
+
+class TrainingContext(Protocol):
+    """What a training hook may use. The engine's Trainer (leancnn.train) provides it;
+    the protocol lives here so that methods know nothing of their callers."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    dataset: ImageDataset
+    state: EpochState
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CompressContext(Protocol):
+    """What a post-training method may use: data, an accuracy probe and fine-tuning.
+    `leancnn.compress` provides it for `leancnn compress`."""
+
+    dataset: ImageDataset          # the training split, selection images held out
+    config: TrainConfig
+    selection_labels: torch.Tensor
+    notes: dict[str, Any]          # figures the method reports into result.json's `compress`
+    log: Callable[[str], None]
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Top-1 on the held-out selection images."""
+
+    def finetune(self, model: nn.Module, epochs: int, lr: float | None = None) -> nn.Module:
+        """The model trained `epochs` more epochs with the run's methods."""
 
 
 @dataclasses.dataclass
@@ -58,20 +89,17 @@ class Method:
         return model
 
     # -- training hooks ----------------------------------------------------
-    def before_training(self, trainer: "Trainer") -> None:
+    def before_training(self, trainer: TrainingContext) -> None:
         """Called when `fit` starts, on a resume too (after the checkpoint is restored)."""
 
-    def loss(self, trainer: "Trainer", images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    def loss(self, trainer: TrainingContext, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Return a replacement for the training loss of this batch, or None."""
         return None
 
-    def after_backward(self, trainer: "Trainer") -> None:
+    def after_step(self, trainer: TrainingContext) -> None:
         pass
 
-    def after_step(self, trainer: "Trainer") -> None:
-        pass
-
-    def after_epoch(self, trainer: "Trainer", epoch: int) -> dict[str, Any] | None:
+    def after_epoch(self, trainer: TrainingContext, epoch: int) -> dict[str, Any] | None:
         """May return figures to log for this epoch."""
         return None
 
@@ -86,7 +114,7 @@ class Method:
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 
-    def compress(self, model: nn.Module, context: "CompressContext") -> tuple[nn.Module, "Method"] | None:
+    def compress(self, model: nn.Module, context: CompressContext) -> tuple[nn.Module, "Method"] | None:
         """`leancnn compress`: act on a trained model with data. Returns the new
         model and the method whose spec rebuilds it on load (through `prepare`),
         or None when the method only reports (an analysis) and nothing is written."""

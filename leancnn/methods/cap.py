@@ -34,8 +34,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..data import BatchLoader
+from ..deploy import folded_weight_and_bias
 from ..errors import ConfigError
 from ..measure import count
+from ..surgery import replace_module
 from .base import Method, register_method
 from .channels import ChannelGroup, channel_groups, largest_fraction, shrink_to_widths
 from .l1prune import parse_widths
@@ -61,12 +64,11 @@ class CaPOptions:
 def fold_batchnorm(block: nn.Sequential) -> None:
     """conv-bn -> conv with bias, bn set to the identity (eval statistics)."""
     conv, norm = block[0], block[1]
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                        conv.dilation, bias=True).to(conv.weight.device)
-    folded.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-    folded.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+    weight, bias = folded_weight_and_bias(conv, norm)
+    folded.weight.copy_(weight)
+    folded.bias.copy_(bias)
     block[0] = folded.train(conv.training)
     identity_norm(norm)
 
@@ -112,18 +114,13 @@ def stiefel_step(projection: torch.Tensor, grad: torch.Tensor, lr: float) -> tor
     return retract(projection - lr * tangent)
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def insert_projections(model: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter]) -> nn.Module:
     """The projected network, unmerged: producer conv -> Compress; Expand -> consumer."""
     for group, projection in zip(groups, projections):
         block = model.get_submodule(group.producer)
         block[0] = nn.Sequential(block[0], Compress(projection))
         block[1] = nn.Identity()  # folded: the identity
-        _set(model, group.consumer, nn.Sequential(Expand(projection), model.get_submodule(group.consumer)))
+        replace_module(model, group.consumer, nn.Sequential(Expand(projection), model.get_submodule(group.consumer)))
     return model
 
 
@@ -154,7 +151,7 @@ def merge_projections(model: nn.Module, groups: list[ChannelGroup], projections:
             new.weight.copy_(torch.einsum("oikl,ir->orkl", consumer.weight, projection))
         if consumer.bias is not None:
             new.bias.copy_(consumer.bias)
-        _set(model, group.consumer, new.train(consumer.training))
+        replace_module(model, group.consumer, new.train(consumer.training))
     return model
 
 
@@ -243,7 +240,6 @@ class CaP(Method):
         return shrink_to_widths(model, parse_widths(self.options.widths))
 
     def compress(self, model, context):
-        from ..data import BatchLoader
 
         groups = channel_groups(model)  # unknown layouts fail here, before anything changes
         shape = context.dataset.input_shape

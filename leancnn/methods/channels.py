@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.resnet import BasicBlock
+from ..surgery import replace_module
 
 
 @dataclass
 class ChannelGroup:
     producer: str          # name of the conv-bn(-relu) Sequential whose output channels are removable
     consumer: str          # name of the Conv2d or Linear that reads them
-    output_pixels: int = 0  # of the producer, per image (set by `measure_groups`)
-    consumer_pixels: int = 0
 
 
 def _is_conv_block(module: nn.Module) -> bool:
@@ -33,8 +33,6 @@ def _is_conv_block(module: nn.Module) -> bool:
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    from ..models.resnet import BasicBlock
-
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
         raise ConfigError(f"channel surgery does not know the layout of {type(model).__name__}")
@@ -56,30 +54,6 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     if not groups:
         raise ConfigError(f"channel surgery found no removable channels in {type(model).__name__}")
     return groups
-
-
-def measure_groups(model: nn.Module, groups: list[ChannelGroup], input_shape: tuple[int, ...]) -> None:
-    """Record each producer's and consumer's output pixels per image (for MAC budgets)."""
-    sizes: dict[str, int] = {}
-    hooks = []
-    for group in groups:
-        for name in (group.producer, group.consumer):
-            module = model.get_submodule(name)
-            hooks.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: sizes.__setitem__(name, out[0, 0].numel() if out.dim() == 4 else 1)))
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *input_shape))
-    model.train(was_training)
-    for hook in hooks:
-        hook.remove()
-    for group in groups:
-        group.output_pixels, group.consumer_pixels = sizes[group.producer], sizes[group.consumer]
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.no_grad()
@@ -110,7 +84,7 @@ def keep_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> 
         new.weight.copy_(consumer.weight[:, keep])
     if consumer.bias is not None:
         new.bias.copy_(consumer.bias)
-    _set(model, group.consumer, new.train(consumer.training))
+    replace_module(model, group.consumer, new.train(consumer.training))
 
 
 def largest_fraction(fits: Callable[[float], bool], iterations: int = 14) -> float:
@@ -121,10 +95,6 @@ def largest_fraction(fits: Callable[[float], bool], iterations: int = 14) -> flo
         middle = (low + high) / 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
-
-
-def group_widths(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, int]:
-    return {g.producer: model.get_submodule(g.producer)[0].out_channels for g in groups}
 
 
 def shrink_to_widths(model: nn.Module, widths: dict[str, int]) -> nn.Module:

@@ -2,7 +2,6 @@
 convolutions before training (Wu et al., WACV 2023). See leancnn.layers.csrconv."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
@@ -10,7 +9,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.csrconv import CSRConv2d
 from .base import Method, register_method
-from .surgery import replace_module
+from .selection import matching, stem_conv
+from ..surgery import replace_module
 
 
 @dataclass
@@ -33,8 +33,8 @@ class CSR(Method):
 
     def targets(self, model: nn.Module) -> list[str]:
         convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
-        first = convs[0][0] if convs else None
-        dense = [(n, m) for n, m in convs if m.groups == 1 and n != first]
+        stem = stem_conv(model)
+        dense = [(n, m) for n, m in convs if m.groups == 1 and n != stem]
         choice = self.options.layers
         if choice == "auto":
             chosen = [n for n, _ in dense]
@@ -42,7 +42,7 @@ class CSR(Method):
             size = int(choice[0])
             chosen = [n for n, m in dense if m.kernel_size == (size, size)]
         else:
-            chosen = [n for n, _ in dense if any(fnmatch.fnmatchcase(n, p) for p in choice.split("+"))]
+            chosen = matching([n for n, _ in dense], choice)
         if not chosen:
             raise ConfigError(f"method 'csr': no dense convolution matches layers={choice!r}")
         return chosen

@@ -48,8 +48,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure.attacks import ATTACKS, Attack, AttackOptions
+from ..measure.attacks import ATTACKS, Attack, PGDOptions
 from .base import Method, register_method
+from .selection import stem_conv
+from .channels import channel_groups, keep_channels, shrink_to_widths
+from .l1prune import parse_widths
 
 MASK = "dnr_mask"
 CHANNEL_MASK = "dnr_channel_mask"
@@ -81,8 +84,8 @@ def aligned_keep(channels: int, density: float, multiple: int) -> int:
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every convolution and linear layer but the first convolution."""
     layers = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    first_conv = next((n for n, m in layers if isinstance(m, nn.Conv2d)), None)
-    return [(n, m) for n, m in layers if n != first_conv]
+    stem = stem_conv(model)
+    return [(n, m) for n, m in layers if n != stem]
 
 
 def distribute(total: int, shares: list[float], capacity: list[int]) -> list[int]:
@@ -163,10 +166,10 @@ class DNR(Method):
     # -- training ------------------------------------------------------------
     def before_training(self, trainer) -> None:
         if self.options.attack != "none" and self.options.beta < 1:
-            from ..measure.attacks import default_eps
-
-            eps = self.options.eps if self.options.eps is not None else default_eps(trainer.dataset.name)
-            self.attack = Attack(self.options.attack, AttackOptions(eps=eps, steps=self.options.steps))
+            eps = self.options.eps if self.options.eps is not None else trainer.dataset.attack_eps
+            options = PGDOptions(eps=eps, steps=self.options.steps) if self.options.attack == "pgd" else \
+                ATTACKS.get(self.options.attack).Options(eps=eps)
+            self.attack = Attack(self.options.attack, options)
         self.generator_epoch = -1
 
     def loss(self, trainer, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -240,9 +243,6 @@ class DNR(Method):
 
     # -- channel mode ---------------------------------------------------------
     def prepare_channels(self, model: nn.Module) -> nn.Module:
-        from .channels import channel_groups, shrink_to_widths
-        from .l1prune import parse_widths
-
         groups = channel_groups(model)  # a layout surgery does not know fails here, before training
         if self.options.widths:  # a finished channel-mode run: the thinner dense model
             return shrink_to_widths(model, parse_widths(self.options.widths))
@@ -293,8 +293,6 @@ class DNR(Method):
         """Channel mode: remove the empty channels; the spec records the widths."""
         if self.options.mode != "channel" or self.options.widths:
             return model
-        from .channels import channel_groups, keep_channels
-
         widths = []
         for group in channel_groups(model):
             block = model.get_submodule(group.producer)

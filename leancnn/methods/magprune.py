@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .base import register_method
 from .dnr import DNR, MASK, DNROptions, prunable
 
 
 @dataclass
 class MagPruneOptions(DNROptions):
-    """DNR's options (density, beta, attack, eps, steps); the mask never changes."""
-
-    prune_fraction: float = 0.0
+    """DNR's options (density, beta, attack, eps, steps); the mask never changes, so DNR's
+    rewiring options have no effect."""
 
 
 @register_method
@@ -38,8 +38,6 @@ class MagPrune(DNR):
     def validate(self) -> None:
         super().validate()
         if self.options.mode != "irregular":
-            from ..errors import ConfigError
-
             raise ConfigError("method 'magprune': only mode=irregular")
 
     def prepare(self, model: nn.Module) -> nn.Module:

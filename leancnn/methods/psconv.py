@@ -3,7 +3,6 @@ kernels before training (Kundu et al., Allerton 2019; IEEE Trans. Computers
 2020). See leancnn.layers.psconv for the layer."""
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -13,7 +12,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.psconv import TAPS, PSConv2d
 from .base import Method, register_method
-from .surgery import replace_module
+from .selection import matching, stem_conv
+from ..surgery import replace_module
 
 PAPER_NAME = re.compile(r"^ps(d?)(\d)_p(\d+)$", re.IGNORECASE)
 
@@ -58,13 +58,12 @@ class PSConv(Method):
                  if isinstance(m, nn.Conv2d) and not isinstance(m, PSConv2d)]
         eligible = [name for name, m in convs if m.kernel_size == (3, 3) and m.groups == 1]
         if self.options.layers == "auto":
-            first = convs[0][0] if convs else None
-            chosen = [name for name in eligible if name != first]
+            stem = stem_conv(model)
+            chosen = [name for name in eligible if name != stem]
         elif self.options.layers == "all":
             chosen = eligible
         else:
-            patterns = self.options.layers.split("+")
-            chosen = [name for name in eligible if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+            chosen = matching(eligible, self.options.layers)
         if not chosen:
             raise ConfigError(f"method 'psconv': no 3x3 convolution to convert (layers={self.options.layers!r}; "
                               f"pSConv applies to dense 3x3 convolutions, groups=1, other than the first)")

@@ -11,7 +11,6 @@ records its choice.
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.vip import VirtualPool
 from .base import Method, register_method
-from .surgery import replace_module
+from .selection import matching
+from ..surgery import replace_module
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ViP(Method):
     def named_blocks(self, model: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[str]:
         everything = eligible_blocks(model)
         usable = eligible_blocks(model, input_shape) if input_shape else everything
-        chosen = [n for n in everything if any(fnmatch.fnmatchcase(n, p) for p in self.options.layers.split("+"))]
+        chosen = matching(everything, self.options.layers)
         if not chosen:
             raise ConfigError(f"method 'vip': no block matches layers={self.options.layers!r}; "
                               f"blocks that can take ViP: {', '.join(everything) or '(none)'}")

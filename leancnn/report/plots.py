@@ -46,3 +46,31 @@ def plot_front(rows: list[dict[str, Any]], axis: str, path: Path, title: str) ->
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_zoo_front(manifest: dict[str, Any], path: Path) -> Path:
+    """A zoo's models (and those it dropped, in grey) against the time the selector plans with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    kept = manifest["models"]
+    dropped = manifest.get("dropped", [])
+    if dropped:
+        ax.scatter([d["expected_ms"] for d in dropped], [100 * d["accuracy"] for d in dropped], c="lightgray",
+                   label="dropped")
+    ax.step([m["expected_ms"] for m in kept], [100 * m["accuracy"] for m in kept], where="post", c="tab:blue")
+    ax.scatter([m["expected_ms"] for m in kept], [100 * m["accuracy"] for m in kept], c="tab:blue", label="zoo")
+    for m in kept:
+        ax.annotate(m["name"], (m["expected_ms"], 100 * m["accuracy"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel(f"expected batch-1 time ({manifest['quantile']}, ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path

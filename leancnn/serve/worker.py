@@ -29,8 +29,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from ..zoo.runtime import quantile
+from ..allocator import keep_freed_memory
+from ..zoo.runtime import Runtime, quantile
 
 # Tags of the messages (first byte).
 PREDICT, PING, QUIT = b"P", b"N", b"Q"
@@ -57,11 +59,6 @@ class Answer:
 def serve_forever(conn, zoo: str, policy: str, fixed: str | None, threads: int | None,
                   plan_quantile: float | None, blocking_risk: float | None, cpus: list[int] | None) -> None:
     """The worker process's main loop."""
-    import torch
-
-    from ..allocator import keep_freed_memory
-    from ..zoo.runtime import Runtime
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server stops it with QUIT or by closing the pipe
     keep_freed_memory()   # each answer's activations reuse the last one's memory: no page faults
     try:

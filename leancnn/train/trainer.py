@@ -16,7 +16,7 @@ from ..data import BatchLoader, ImageDataset
 from ..errors import TrainingDiverged
 from ..methods import Method
 from .checkpoint import load_checkpoint, load_optimizer_tensors, model_state, save_checkpoint
-from .progress import progress_bar
+from ..progress import progress_bar
 from .schedules import learning_rate
 
 
@@ -182,8 +182,6 @@ class Trainer:
                         f"try a lower lr (now {self.config.lr})")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for method in self.methods:
-                    method.after_backward(self)
                 self.optimizer.step()
                 for method in self.methods:
                     method.after_step(self)

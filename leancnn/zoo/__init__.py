@@ -1,5 +1,5 @@
 """Model zoo and deadline-aware runtime (see leancnn.zoo.runtime)."""
-from .front import Candidate, pareto_front, thin
+from .front import FrontModel, pareto_front, thin
 from .selector import Selector
 
-__all__ = ["Candidate", "Selector", "pareto_front", "thin"]
+__all__ = ["FrontModel", "Selector", "pareto_front", "thin"]

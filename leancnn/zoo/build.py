@@ -19,10 +19,13 @@ from typing import Any, Callable
 
 import torch
 
+from ..deploy import deploy
+from ..measure import measure_latency
+from ..measure.latency import machine
 from ..errors import LeancnnError
-from ..io import write_json
+from ..io import slug, write_json
 from ..runs import DB_NAME, list_runs, load_run, read_json
-from .front import Candidate, pareto_front, thin
+from .front import FrontModel, pareto_front, thin
 
 MANIFEST = "manifest.json"
 QUANTILES = ("median", "p90")
@@ -62,22 +65,14 @@ def find_runs(sources: list[str]) -> list[Path]:
     return unique
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
-
-
 def measure_batch1(model: torch.nn.Module, input_shape: tuple[int, ...], runs: int, threads: int) -> tuple[float, float]:
     """(median, p90) ms of one-image requests through the deployed model."""
-    from ..measure import measure_latency
-
     latency = measure_latency(model, input_shape, batch_size=1, threads=threads, channels_last=False, runs=runs)
     return latency.median_ms, latency.p90_ms
 
 
 def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: float = 0.002, runs: int = 50,
               threads: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from ..deploy import deploy
-
     if quantile not in QUANTILES:
         raise LeancnnError(f"quantile must be one of {', '.join(QUANTILES)}, got {quantile!r}")
     if not 0 <= epsilon < 1:
@@ -92,7 +87,7 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
         shapes.add(shape)
         datasets.add(result["dataset"])
         median, p90 = measure_batch1(deploy(model), shape, runs, threads)
-        name = slug(run_dir.name)
+        name = slug(run_dir.name, "model")
         if any(m.name == name for m in measured):  # two runs with one directory name
             name = f"{name}-{len(measured)}"
         measured.append(ZooModel(name, f"models/{name}", result["test_acc"], median, p90,
@@ -104,7 +99,7 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
         raise LeancnnError(f"runs disagree on input shape or dataset ({sorted(shapes)}, {sorted(datasets)}): "
                            "a zoo serves one kind of input")
     by_name = {m.name: m for m in measured}
-    front = pareto_front([Candidate(m.name, m.expected_ms, m.accuracy) for m in measured])
+    front = pareto_front([FrontModel(m.name, m.expected_ms, m.accuracy) for m in measured])
     kept = thin(front, epsilon)
     kept_names = {c.name for c in kept}
     front_names = {c.name for c in front}
@@ -124,8 +119,6 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
     manifest = {"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": datasets.pop(),
                 "input_shape": list(shapes.pop()), "quantile": quantile, "epsilon": epsilon, "threads": threads,
                 "models": models, "dropped": dropped}
-    from ..measure.latency import machine
-
     manifest["machine"] = machine()
     write_json(out / MANIFEST, manifest)  # written last, atomically: a zoo without it is unfinished
     return manifest
@@ -143,6 +136,4 @@ def load_manifest(zoo: Path) -> dict[str, Any]:
 
 def load_zoo_models(zoo: Path, manifest: dict[str, Any]) -> list[torch.nn.Module]:
     """The zoo's models, deployed for inference, in manifest order (rising time)."""
-    from ..deploy import deploy
-
     return [deploy(load_run(Path(zoo) / entry["path"])[0]) for entry in manifest["models"]]

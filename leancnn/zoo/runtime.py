@@ -12,7 +12,7 @@ import torch
 
 from .build import load_manifest, load_zoo_models
 from .blocking import BlockingGuard
-from .front import Candidate
+from .front import FrontModel
 from .selector import Policy, Selector
 
 QUANTILE_FRACTIONS = {"median": 0.5, "p90": 0.9}
@@ -78,7 +78,7 @@ class Runtime:
         self.calibrate = calibrate
         self.min_samples = min_samples
         self.samples = [deque(maxlen=window) for _ in self.models]
-        self.selector = Selector([Candidate(e["name"], e["expected_ms"], e["accuracy"]) for e in self.entries],
+        self.selector = Selector([FrontModel(e["name"], e["expected_ms"], e["accuracy"]) for e in self.entries],
                                  policy)
         self.guard = None if blocking_risk is None else BlockingGuard(blocking_risk)
         self.median_ms = [e.get("latency_median_ms", e["expected_ms"]) for e in self.entries]

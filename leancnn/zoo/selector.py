@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
-from .front import Candidate
+from .front import FrontModel
 
 Policy = Literal["fastest", "refuse"]
 
@@ -32,7 +32,7 @@ class Selector:
     the choice stays exact and one bisection.
     """
 
-    def __init__(self, models: list[Candidate], policy: Policy = "fastest") -> None:
+    def __init__(self, models: list[FrontModel], policy: Policy = "fastest") -> None:
         if not models:
             raise ValueError("a selector needs at least one model")
         times = [m.time_ms for m in models]

@@ -1,0 +1,41 @@
+"""`leancnn train`: a model, optionally with methods, into a run directory."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..experiment import train_run
+from ..report.table import print_result
+from .base import Command, add_config_flags, config_from_args, print_json, register_command
+
+
+@register_command
+class Train(Command):
+    name = "train"
+    help = "train a model (optionally with methods) into a run directory"
+    description = ("Train a model into a run directory (config.toml, model.safetensors, model.json, result.json, "
+                   "log.jsonl). Flags override --config.")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", help="TOML file of config keys (flags override it)")
+        add_config_flags(parser)
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the unfinished run in --out from its last epoch")
+        parser.add_argument("--json", action="store_true", help="print result.json's figures as JSON")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(self, args: argparse.Namespace) -> int:
+        config = config_from_args(args)
+
+        def report_epoch(entry: dict[str, Any]) -> None:
+            if not args.json:
+                print(f"epoch {entry['epoch']}/{config.epochs}: train loss {entry['train_loss']:.4f}, "
+                      f"test acc {100 * entry['test_acc']:.2f}%, {entry['images_per_second']:.0f} img/s, "
+                      f"{entry['seconds']:.1f} s", flush=True)
+
+        outcome = train_run(config, resume=args.resume, progress=not args.no_progress, on_epoch=report_epoch)
+        if args.json:
+            print_json({"run_dir": str(outcome.run_dir), **outcome.result})
+        else:
+            print_result(outcome.run_dir, outcome.result)
+        return 0
