@@ -4,7 +4,7 @@ trained once; every compression starts from it, and both methods get the same
 fine-tuning. Accuracy before and after fine-tuning, MACs, parameters and the
 measured CPU latency (batch 1 and 64) with the realized speed-up next to the
 MAC ratio. Writes benchmarks/results/cap_table.{md,json} and splices the
-table into the README.
+table into docs/methods/cap.md.
 
 Runs are ordinary leancnn runs under --out: a finished one is skipped, so the
 script can be killed and started again.
@@ -122,7 +122,7 @@ def main() -> None:
                f"compressed latency, MAC ratio = dense MACs / compressed MACs.")
     block = f"{summary}\n\n{markdown(rows)}"
     print(block)
-    publish("cap_table", block, rows)
+    publish("cap_table", block, rows, "docs/methods/cap.md")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,23 @@
 """Helpers every benchmark uses: pinned threads, the machine's description, medians."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leancnn.measure.latency import cpu_model  # noqa: E402
+from leancnn.kernels import cache_root  # noqa: E402
+from leancnn.measure.latency import cpu_model, fastest_format_latency  # noqa: E402
 
 
 # (C_in, C_out, input size, stride): every distinct 3x3 layer of resnet18 at 32x32.
@@ -57,11 +61,11 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def splice_readme(block: str, marker: str, document: str = "README.md") -> None:
-    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in `document`
-    (a path from the repository root: the README, or a page under docs/)."""
-    import re
-
+def splice_doc(block: str, marker: str, document: str) -> None:
+    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in `document`, a page
+    under docs/ (benchmarks never edit the README: it quotes a few figures by hand, with their command)."""
+    if not document.startswith("docs/"):
+        raise ValueError(f"benchmarks write their figures into docs/, not {document}")
     path = Path(__file__).resolve().parents[1] / document
     text = path.read_text()
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
@@ -74,21 +78,29 @@ def splice_readme(block: str, marker: str, document: str = "README.md") -> None:
 
 def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> float:
     """Median latency in ms, the faster of the two memory formats."""
-    from leancnn.measure import measure_latency
-
-    return min(measure_latency(model, input_shape, batch_size=batch, threads=threads, channels_last=cl,
-                               runs=runs).median_ms for cl in (True, False))
+    return fastest_format_latency(model, input_shape, batch_size=batch, threads=threads, runs=runs).median_ms
 
 
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def publish(name: str, block: str, data, marker: str | None = None, document: str = "README.md") -> None:
+def publish(name: str, block: str, data, document: str, marker: str | None = None) -> None:
     """benchmarks/results/NAME.md (the block) and NAME.json (the data); splice the block
     into `document` between <!-- marker:start/end --> (marker defaults to NAME with '-')."""
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.md").write_text(block + "\n")
     write_json(results / f"{name}.json", data)
-    splice_readme(block, marker or name.replace("_", "-"), document)
+    splice_doc(block, marker or name.replace("_", "-"), document)
+
+
+def fma_peak_gflops(isa: str, threads: int, seconds: float = 0.5) -> float:
+    """The measured FMA peak (GFLOP/s) of `isa` ("avx512" or "avx2", as the kernel reports it)
+    on `threads` threads: benchmarks/fma_peak.cpp, built once into leancnn's cache."""
+    source = Path(__file__).resolve().parent / "fma_peak.cpp"
+    build = cache_root() / "kernels" / f"fma-peak-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+    build.mkdir(parents=True, exist_ok=True)
+    module = load(name="leancnn_fma_peak", sources=[str(source)], build_directory=str(build),
+                  extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    return module.peak_gflops(isa, threads, seconds)

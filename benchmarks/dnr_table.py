@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="run directory (default benchmarks/out/dnr, or dnr-wWIDTH "
                                                     "for a width other than 0.25)")
     args = parser.parse_args()
-    # Results and README table per width: dnr_table (0.25) or dnr_table_w0.5 (marker dnr-table-w0.5).
+    # Results and the docs table per width: dnr_table (0.25) or dnr_table_w0.5 (marker dnr-table-w0.5).
     suffix = "" if args.width == 0.25 else f"-w{args.width:g}"
     args.out = args.out or str(ROOT / "benchmarks" / "out" / f"dnr{suffix}")
     pin_threads(args.threads)
@@ -160,9 +160,9 @@ def main() -> None:
                f"Training "
                f"wall time at {args.threads} thread(s); the dense baseline is `dnr:density=1` (no masks: plain "
                f"adversarial training with the same loss and attack).")
-    block = f"{summary}\n\n" + "\n".join(lines) + f"\n\n![DNR densities](docs/dnr_density{suffix}.png)"
+    block = f"{summary}\n\n" + "\n".join(lines) + f"\n\n![DNR densities](../dnr_density{suffix}.png)"
     print(block)
-    publish(f"dnr_table{suffix.replace('-', '_')}", block, rows, marker=f"dnr-table{suffix}")
+    publish(f"dnr_table{suffix.replace('-', '_')}", block, rows, "docs/methods/dnr.md", marker=f"dnr-table{suffix}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from common import RESNET18_LAYERS as LAYERS, machine_line, paired_seconds, pin_threads, publish
+from common import fma_peak_gflops, RESNET18_LAYERS as LAYERS, machine_line, paired_seconds, pin_threads, publish
 
 import leancnn
 from leancnn.allocator import keep_freed_memory
@@ -141,7 +141,7 @@ def main() -> None:
     peaks = {}
     for threads in args.threads:
         pin_threads(threads)
-        peaks[threads] = extension.peak_gflops(threads, 0.5)
+        peaks[threads] = fma_peak_gflops(extension.isa(), threads)
     print(machine_line())
     print(f"kernel instruction set: {extension.isa()}; FMA peak " +
           ", ".join(f"{peaks[t]:.0f} GFLOP/s on {t} thread(s)" for t in args.threads))
@@ -159,7 +159,7 @@ def main() -> None:
     peaks_after = {}
     for threads in args.threads:
         pin_threads(threads)
-        peaks_after[threads] = extension.peak_gflops(threads, 0.5)
+        peaks_after[threads] = fma_peak_gflops(extension.isa(), threads)
     pin_threads(max(args.threads))
     header = (f"{machine_line()}; kernel instruction set {extension.isa()}; measured FMA peak "
               + ", ".join(f"{peaks[t]:.0f} GFLOP/s on {t} thread(s)" for t in args.threads)
@@ -168,7 +168,7 @@ def main() -> None:
               + contention_note(peaks, peaks_after))
     block = f"{header}\n\n{markdown(layers, models, peaks)}"
     print(block)
-    publish("psconv_kernel", block, {"peaks": peaks, "peaks_after": peaks_after, "layers": layers,
+    publish("psconv_kernel", block, document="docs/kernels.md", data={"peaks": peaks, "peaks_after": peaks_after, "layers": layers,
                                      "models": models})
 
 

@@ -1,7 +1,7 @@
 """The pSConv comparison on Fashion-MNIST: dense and five pSConv variants of
 resnet18 and vgg16 (width 0.25 on a CPU, 1.0 on a GPU), plus mobilenetv2 and
 shufflenetv2 at similar MACs, all trained with one schedule. Writes a Markdown
-table and an accuracy-vs-MACs plot, and splices both into the README.
+table and an accuracy-vs-MACs plot, and splices both into docs/methods/psconv.md.
 
 Runs are ordinary leancnn runs under --out; a finished run is skipped and an
 unfinished one resumed, so the script can be killed and started again.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine_line, median, pin_threads, splice_readme
+from common import machine_line, median, pin_threads, splice_doc
 
 from leancnn.config import TrainConfig
 from leancnn.experiment import ensure_run
@@ -154,12 +154,12 @@ def main() -> None:
                f"runs, the faster memory format.\n\nTraining cost of the masks (resnet18 w{width}, batch 128, "
                f"{args.threads} thread(s)): dense {1000 * dense_step:.0f} ms/step, PS4_P4 {1000 * sparse_step:.0f} "
                f"ms/step ({100 * (sparse_step / dense_step - 1):+.1f}%).")
-    block = f"{summary}\n\n{table}\n\n![accuracy vs MACs](docs/psconv_accuracy_vs_macs.png)"
+    block = f"{summary}\n\n{table}\n\n![accuracy vs MACs](../psconv_accuracy_vs_macs.png)"
     print(block)
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "benchmarks" / "results" / "psconv_table.md").write_text(block + "\n")
     (ROOT / "benchmarks" / "results" / "psconv_table.json").write_text(json.dumps(rows, indent=2) + "\n")
-    splice_readme(block, "psconv-table")
+    splice_doc(block, "psconv-table", "docs/methods/psconv.md")
 
 
 if __name__ == "__main__":

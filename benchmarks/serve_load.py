@@ -290,7 +290,7 @@ def main() -> None:
                f"{decision_us:.2f} us, {100 * decision_us / 1000 / fastest_ms:.3f}% of the fastest "
                f"model's {fastest_ms:.3f} ms.")
     print(summary)
-    publish("serve_load", summary, {"rows": rows, "mixed": mixed_rounds, "rss_bytes": rss, "best_rate": best_rate,
+    publish("serve_load", summary, document="docs/serving.md", data={"rows": rows, "mixed": mixed_rounds, "rss_bytes": rss, "best_rate": best_rate,
                                     "search_us": search_us, "decision_us": decision_us})
 
 

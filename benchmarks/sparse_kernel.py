@@ -24,7 +24,7 @@ import argparse
 import torch
 from torch.nn import functional as F
 
-from common import RESNET18_LAYERS, machine_line, paired_seconds, pin_threads, publish
+from common import fma_peak_gflops, RESNET18_LAYERS, machine_line, paired_seconds, pin_threads, publish
 
 import leancnn
 from leancnn.deploy import deploy, deploy_plan, fold_batchnorm
@@ -166,7 +166,7 @@ def main() -> None:
     peaks = {}
     for threads in args.threads:
         pin_threads(threads)
-        peaks[threads] = extension.peak_gflops(threads, 0.5)
+        peaks[threads] = fma_peak_gflops(extension.isa(), threads)
     print(machine_line())
     print(f"kernel instruction set: {extension.isa()}; FMA peak "
           + ", ".join(f"{peaks[t]:.0f} GFLOP/s on {t} thread(s)" for t in args.threads))

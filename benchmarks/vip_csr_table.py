@@ -182,7 +182,7 @@ def main() -> None:
     pin_threads(args.threads)
     block, rows = vip_part(args) if args.part == "vip" else csr_part(args)
     print(block)
-    publish(f"{args.part}_table", block, rows)
+    publish(f"{args.part}_table", block, rows, f"docs/methods/{args.part}.md")
 
 
 if __name__ == "__main__":

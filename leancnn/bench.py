@@ -18,18 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 
 from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import attack_run
 from .experiment import ensure_run
 from .errors import LeancnnError
-from .io import slug, write_text
+from .io import slug, write_json, write_text
 from .deploy import deploy, deploy_plan
-from .measure.latency import cpu_model, fastest_format_latency
+from .measure.latency import cpu_model, fastest_format_latency, layer_times
 from .methods import METHODS
 from .models import create_model
-from .report.html import write_report
+from .report.budget import Budget, Recommendation, default_budget, recommend
+from .report.html import CandidateDetail, write_report
 from .report.pareto import pareto_front
 from .report.table import console, fmt_bytes, fmt_count, fmt_pct
 from .report.plots import plot_front
@@ -57,6 +59,7 @@ class BenchPlan:
     seed: int = 0
     data_dir: str | None = None
     threads: int = 0  # 0 = torch's default (all cores)
+    profile_batch: int = 1   # the batch size of each candidate's per-layer times (where the time goes)
     cuts: list[str] = field(default_factory=list)
 
 
@@ -129,6 +132,7 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
         result[f"latency_b{batch}_ms"] = fastest_format_latency(
             model, shape, batch_size=batch, threads=plan.threads or None, runs=20 if batch == 1 else 10).median_ms
     result["deploy_plan"] = deploy_plan(model)
+    result["layer_times"] = layer_times(model, shape, batch_size=plan.profile_batch, threads=plan.threads or None)
     stored = read_json(run_dir / "result.json")
     if stored.get("deploy_plan") != result["deploy_plan"]:  # a finished run is rewritten only when it changed
         save_result(run_dir, {**stored, "deploy_plan": result["deploy_plan"]})
@@ -159,8 +163,20 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], set[int]]:
     return lines, front
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list[str]) -> dict[str, Path]:
+def answer(rows: list[dict[str, Any]], budget: Budget | None) -> Recommendation | None:
+    """The recommendation for `budget`, or for the default budget (half the dense model's
+    batch-1 latency) when none was given; None when there is nothing to answer with."""
+    budget = budget or default_budget(rows)
+    return recommend(rows, budget) if budget else None
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list[str],
+                  budget: Budget | None = None) -> dict[str, Path]:
     lines, front = table_rows(rows)
+    recommendation = answer(rows, budget)
+    answer_lines = recommendation.lines() if recommendation else []
+    if recommendation:
+        write_json(out / "recommendation.json", recommendation.as_dict())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     keys = ["label", "test_acc", "test_top5", "params_total", "params_nonzero", "macs_dense", "macs_effective",
@@ -174,18 +190,38 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     for index, line in enumerate(lines):
         cells = ([f"**{line[0]}**" if index in front else line[0]] + line[1:])[:len(columns)]
         md.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    write_text(out / "results.md", "\n".join(notes) + "\n\n" + "\n".join(md) + "\n\nBold: on the accuracy/effective-MACs Pareto front.\n")
+    lead = "".join(f"> {line}\n" for line in answer_lines) + ("\n" if answer_lines else "")
+    write_text(out / "results.md", lead + "\n".join(notes) + "\n\n" + "\n".join(md)
+               + "\n\nBold: on the accuracy/effective-MACs Pareto front.\n")
     ok = [r for r in rows if not r.get("error")]
     plots = [plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {axis}")
              for axis in ("macs", "latency", "storage")]
-    report = write_report(out / "report.html", title, COLUMNS, lines, front, [p for p in plots if p], notes)
-    return {"report": report, "csv": out / "results.csv", "markdown": out / "results.md",
-            **{f"plot_{p.stem}": p for p in plots if p}}
+    report = write_report(out / "report.html", title, COLUMNS, lines, front, [p for p in plots if p], notes,
+                          answer=answer_lines, details=candidate_details(ok))
+    files = {"report": report, "csv": out / "results.csv", "markdown": out / "results.md",
+             **{f"plot_{p.stem}": p for p in plots if p}}
+    if recommendation:
+        files["recommendation"] = out / "recommendation.json"
+    return files
+
+
+def candidate_details(rows: list[dict[str, Any]], top: int = 8) -> list[CandidateDetail]:
+    """Per candidate: what each kernel layer runs (its deploy plan) and the layers that take
+    the most time, for the report."""
+    details = []
+    for row in rows:
+        timed = row.get("layer_times") or []
+        total = sum(entry["ms"] for entry in timed) or 1.0
+        slowest = sorted(timed, key=lambda entry: -entry["ms"])[:top]
+        plan = [[p["layer"], f"{p['density']:.3f}", p["choice"],
+                 ", ".join(f"{name} {ms:.3f}" for name, ms in p["times_ms"].items())]
+                for p in row.get("deploy_plan") or []]
+        time_rows = [[e["layer"], e["type"], f"{e['ms']:.3f}", f"{100 * e['ms'] / total:.1f}%"] for e in slowest]
+        details.append(CandidateDetail(row["label"], plan, time_rows, len(timed)))
+    return details
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.table import Table
-
     lines, front = table_rows(rows)
     show_errors = any(line[-1] for line in lines)
     columns = COLUMNS if show_errors else COLUMNS[:-1]

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 
 
+import json
+
 from leancnn.bench import BenchPlan, Candidate, default_candidates, run_bench, write_outputs
 from leancnn.cli import main
+from leancnn.kernels.sparse import PASS_CHOICES
+from leancnn.report.budget import Budget
 from leancnn.report.pareto import pareto_front
 
 
@@ -41,9 +45,18 @@ def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
     assert [r["label"] for r in rows] == ["dense", "PS4_P4", "broken"]
     assert "no 3x3 convolution to convert" in rows[2]["error"]
     assert rows[1]["macs_effective"] < rows[0]["macs_effective"]
-    files = write_outputs(rows, tmp_path, "test bench", ["a note"])
+    files = write_outputs(rows, tmp_path, "test bench", ["a note"], Budget.parse("latency_ms=1000"))
     html = files["report"].read_text()
     assert "data:image/png;base64," in html and "PS4_P4" in html and "no 3x3 convolution" in html
+    # The report leads with the answer; the most accurate candidate fits a 1 s budget.
+    best = max(rows[:2], key=lambda r: (r["test_acc"], -r["latency_b1_ms"]))["label"]
+    assert html.index("id='answer'") < html.index("<table") and f"Ship {best}:" in html
+    assert json.loads(files["recommendation"].read_text())["chosen"] == best
+    # Per candidate: PS4_P4's pSConv layers have deploy plans; every candidate has its layer times.
+    ps = next(r for r in rows if r["label"] == "PS4_P4")
+    assert ps["deploy_plan"] and {p["choice"] for p in ps["deploy_plan"]} <= {"dense", "dense-other-format", *PASS_CHOICES}
+    assert html.count("<details>") == 2 and ps["deploy_plan"][0]["layer"] in html
+    assert {t["type"] for t in rows[0]["layer_times"]} >= {"Conv2d", "Linear"}
     assert files["plot_pareto_macs"].read_bytes().startswith(b"\x89PNG")
     assert "PS4_P4" in files["markdown"].read_text()
     assert len(files["csv"].read_text().splitlines()) == 4
@@ -69,6 +82,11 @@ def test_report_command_from_runs(tmp_path, capsys, monkeypatch):
     assert main(["report", "runs/d", "runs/p", "--out", "rep"]) == 0
     assert (tmp_path / "rep" / "report.html").is_file()
     assert "psconv:k=1" in (tmp_path / "rep" / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["report", "runs/d", "runs/p", "--out", "rep2", "--budget", "latency_ms=0.000001"]) == 0
+    assert "Nothing of the 2 candidates fits" in capsys.readouterr().out
+    assert main(["report", "runs/d", "--out", "rep3", "--budget", "storage_kib=1e9"]) == 0
+    assert "Ship dense:" in capsys.readouterr().out
 
 
 def test_budget_cuts_epochs_then_images(monkeypatch):

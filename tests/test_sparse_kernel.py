@@ -244,3 +244,39 @@ def test_profile_deploy_shows_what_each_pruned_layer_runs(capsys):
 def _any_layer() -> SparseConvInference:
     weight, mask = masked_weight(4, 4, 3, 0.5, seed=0)
     return SparseConvInference(weight, None, 1, mask=mask)
+
+
+# Pixel vectors per tile for one-filter chunks (irregular masks) and for pSConv's 6-filter chunks:
+# the accumulators each instruction set has room for (generic: one vector, the compiler's business).
+TILE_VECTORS = {"generic": (1, 1), "avx2": (4, 1), "avx512": (8, 4)}
+
+
+def sparse_layer(c_in, c_out, k, density, stride, seed=3):
+    weight, mask = masked_weight(c_out, c_in, k, density, seed)
+    return SparseConvInference(weight, None, stride, mask=mask)
+
+
+def test_the_kernel_plan_says_how_a_layer_runs(kernel_isa):
+    one_filter = sparse_layer(16, 16, 3, 0.1, stride=1)
+    x = torch.zeros(1, 16, 32, 32)
+    plan = one_filter.kernel_plan(x)
+    # 32 columns are two whole pixel vectors: three row planes; one image, one thread: all at once.
+    assert (plan["isa"], plan["planes"], plan["plane_count"]) == (kernel_isa, "rows", 3)
+    assert plan["tile_vectors"] == TILE_VECTORS[kernel_isa][0] and plan["tile_pixels"] == 16 * plan["tile_vectors"]
+    assert plan["batch_images"] == 1 and plan["threads"] == 1
+    assert plan["blocks_per_pass"] == 1 and one_filter.kernel_plan(x, "kernel-pass1")["blocks_per_pass"] == 1
+    # Rows of 7 are mostly padding in a 16-pixel vector: nine tap planes at output resolution.
+    assert one_filter.kernel_plan(torch.zeros(1, 16, 7, 7))["planes"] == "taps"
+    # Stride 2 needs rows that split into whole even and odd vectors (32 columns).
+    strided = sparse_layer(16, 16, 3, 0.1, stride=2)
+    assert strided.kernel_plan(torch.zeros(1, 16, 16, 16))["planes"] == "taps"
+    assert strided.kernel_plan(x)["planes"] == "rows"
+    # A 1x1 layer reads the centre tap only (bit 4); a 3x3 mask at density 0.1 reads them all.
+    pointwise = sparse_layer(16, 16, 1, 0.5, stride=1, seed=4)
+    assert pointwise.kernel_plan(x)["used_taps"] == 1 << 4 and plan["used_taps"] == 0b111111111
+    # pSConv-like: every filter keeps the same taps, so chunks hold 6 filters and tiles are narrower.
+    weight = torch.randn(24, 16, 3, 3)
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    mask[:, :, 1, :] = True
+    shared = SparseConvInference(weight * mask, None, 1, mask=mask)
+    assert shared.kernel_plan(x)["tile_vectors"] == TILE_VECTORS[kernel_isa][1]

@@ -76,7 +76,7 @@ def mermaid(edges: dict[str, set[str]]) -> str:
     lines = ["```mermaid", "flowchart TD"]
     for index, layer in enumerate(layers()):
         title = names[index] if index < len(names) else f"layer {index}"
-        lines.append(f"  subgraph {title}")
+        lines.append(f"  subgraph layer{index} [{title}]")
         lines.extend(f"    {module}" for module in layer)
         lines.append("  end")
     for source in sorted(edges):

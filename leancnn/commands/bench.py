@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench import QUICK, BenchPlan, default_candidates, describe, fit_budget, print_table, run_bench, write_outputs
+from ..bench import (QUICK, BenchPlan, answer, default_candidates, describe, fit_budget, print_table, run_bench,
+                     write_outputs)
+from ..errors import LeancnnError
+from ..report.budget import BATCHES, Budget
 from ..data import DATASETS, load_dataset
 from ..methods import parse_method
 from ..models import MODELS
@@ -31,8 +34,16 @@ class Bench(Command):
         parser.add_argument("--train-subset", type=int, default=None,
                             help="training images (default all; --quick: 8000)")
         parser.add_argument("--test-subset", type=int, default=None, help="test images (default all; --quick: 2000)")
-        parser.add_argument("--budget-minutes", type=float, default=None,
-                            help="cut epochs, then training images, so the bench fits; says what it cut")
+        parser.add_argument("--budget", default=None, metavar="KEY=VALUE,...",
+                            help="the deployment budget to answer for: latency_ms (at --batch), storage_kib, "
+                                 "macs_m (millions of effective MACs), e.g. latency_ms=5 or "
+                                 "storage_kib=200,latency_ms=20; the report names the most accurate candidate "
+                                 "within it (default: faster than the dense model at batch 1)")
+        parser.add_argument("--batch", type=int, default=1,
+                            help="the batch size a latency budget refers to: 1 or 64 (default 1)")
+        parser.add_argument("--max-minutes", type=float, default=None,
+                            help="cut epochs, then training images, so the whole bench fits in this many minutes; "
+                                 "says what it cut")
         parser.add_argument("--attack", action="append", default=[],
                             help="also measure accuracy under this attack (repeatable)")
         parser.add_argument("--quick", action="store_true",
@@ -51,6 +62,9 @@ class Bench(Command):
 
 def run_bench_command(args: argparse.Namespace) -> int:
     DATASETS.get(args.data)
+    budget = Budget.parse(args.budget, args.batch) if args.budget else None   # bad budgets fail before training
+    if budget is None and args.batch not in BATCHES:
+        raise LeancnnError(f"--batch: candidates are timed at batch {' and '.join(map(str, BATCHES))}, got {args.batch}")
     quick = QUICK if args.quick else {}
     model = args.model or quick.get("model", "resnet20")
     MODELS.get(model)
@@ -62,21 +76,24 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      epochs=args.epochs or quick.get("epochs", 5),
                      train_subset=args.train_subset or quick.get("train_subset"),
                      test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,
-                     seed=args.seed, data_dir=args.data_dir, threads=args.threads)
-    if args.budget_minutes:
+                     seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch)
+    if args.max_minutes:
         train_size = len(load_dataset(args.data, args.data_dir).train_labels)
-        fit_budget(plan, args.budget_minutes, train_size)
+        fit_budget(plan, args.max_minutes, train_size)
     out = Path(args.out)
     notes = describe(plan)
     for note in notes:
         print(note)
     rows = run_bench(plan, out, progress=not args.no_progress, attacks=args.attack)
     title = f"leancnn bench: {plan.model} on {plan.data}"
-    files = write_outputs(rows, out, title, notes)
+    files = write_outputs(rows, out, title, notes, budget)
+    recommendation = answer(rows, budget)
     if args.json:
-        print_json(rows)
-    else:
-        print_table(rows, title)
-        print(f"report: {files['report']}\ntable: {files['markdown']} and {files['csv']}\n"
-              f"plots: {', '.join(str(p) for k, p in files.items() if k.startswith('plot_'))}")
+        print_json({"rows": rows, "recommendation": recommendation.as_dict() if recommendation else None})
+        return 0
+    print_table(rows, title)
+    print(f"report: {files['report']}\ntable: {files['markdown']} and {files['csv']}\n"
+          f"plots: {', '.join(str(p) for k, p in files.items() if k.startswith('plot_'))}")
+    if recommendation:
+        print("\n" + "\n".join(recommendation.lines()))
     return 0

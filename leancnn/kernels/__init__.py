@@ -4,7 +4,7 @@ One kernel computes every sparse 3x3 (and, as its centre tap, 1x1) convolution:
 pre-defined sparse supports (pSConv) and irregular masks (DNR, magnitude pruning)
 alike; filters that share a support are grouped (leancnn/kernels/sparse.py: pack).
 
-`psconv_extension()` builds leancnn/kernels/psconv_kernel.cpp against the
+`psconv_extension()` builds leancnn/kernels/*.cpp against the
 installed torch the first time it is needed (or at `make setup`), into a cache
 under ~/.cache/leancnn (LEANCNN_CACHE overrides), and returns the module; when
 no compiler is present it returns None and says so once, and callers fall back
@@ -22,7 +22,10 @@ from types import ModuleType
 import torch
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = [SOURCE_DIR / "psconv_kernel.cpp", SOURCE_DIR / "psconv_body.inc"]
+# The dispatch and Python entry points, then one translation unit per instruction set; the
+# headers are part of the build id too.
+COMPILED = ["psconv_kernel.cpp", "kernel_generic.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp"]
+SOURCES = [SOURCE_DIR / name for name in COMPILED + ["kernel_common.h", "kernel_body.h"]]
 # ATen's parallel_for is OpenMP in the header: without -fopenmp it runs on one thread.
 BUILD_FLAGS = "-O3 -fopenmp"
 _state: dict[str, object] = {}
@@ -55,7 +58,7 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
 
         build = cache_dir()
         build.mkdir(parents=True, exist_ok=True)
-        module = load(name="leancnn_psconv", sources=[str(SOURCES[0])], build_directory=str(build),
+        module = load(name="leancnn_psconv", sources=[str(SOURCE_DIR / name) for name in COMPILED], build_directory=str(build),
                       extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"],
                       extra_include_paths=[str(SOURCE_DIR)], verbose=verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: run the masked dense path

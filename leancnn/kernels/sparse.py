@@ -176,6 +176,17 @@ class SparseConvInference(nn.Module):
             self.relu, residual, pass_blocks, serial)
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
+    def kernel_plan(self, x: torch.Tensor, choice: str = "kernel") -> dict:
+        """How the compiled kernel would run this layer on `x` (shape only) on this machine, for one
+        of PASS_CHOICES: its instruction set, planes (rows or taps), tile width, image batches, work
+        split, channel blocks per pass and plane buffer size. Made by the kernel's own planner."""
+        if psconv_extension() is None:
+            raise RuntimeError("the compiled kernel is unavailable on this machine")
+        pass_blocks, serial = PASS_CHOICES[choice]
+        return psconv_extension().plan(x.shape[0], x.shape[1], x.shape[2], x.shape[3], self.packed_channels,
+                                       self.packed_taps, self.packed_chunk_slot, self.packed_chunk_group,
+                                       self.packed_segment_pair, self.stride, pass_blocks, serial)
+
     def implementations(self, x: torch.Tensor, residual: torch.Tensor | None) -> dict:
         """Name -> a call on this input: what a plan for it times."""
         return {name: (lambda name=name: self.run(name, x, residual)) for name in self.choices()}

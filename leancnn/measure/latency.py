@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -120,6 +121,19 @@ def latency_key(batch_size: int, threads: int) -> str:
     return f"batch{batch_size}_threads{threads}"
 
 
+def latency_at(table: dict[str, float], batch_size: int, threads: int | None = None) -> float | None:
+    """result.json's latency_ms read back: the median ms at `batch_size` and `threads`
+    (None: the most threads measured), or None when that was not measured."""
+    measured = {}
+    for key, value in table.items():
+        match = re.fullmatch(r"batch(\d+)_threads(\d+)", key)
+        if match and int(match.group(1)) == batch_size:
+            measured[int(match.group(2))] = value
+    if not measured:
+        return None
+    return measured.get(threads) if threads is not None else measured[max(measured)]
+
+
 def latency_table(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64), threads_list=None,
                   runs: int = 20) -> dict[str, float]:
     """result.json's latency_ms: 'batch{B}_threads{T}' -> median ms, the faster memory format."""
@@ -130,3 +144,43 @@ def latency_table(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1
             best = fastest_format_latency(model, input_shape, batch_size=batch_size, threads=threads, runs=runs)
             table[latency_key(batch_size, threads)] = round(best.median_ms, 4)
     return table
+
+
+@torch.no_grad()
+def layer_times(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int | None = None,
+                runs: int = 10) -> list[dict[str, Any]]:
+    """Where the time of one forward pass goes: per leaf module (one without children),
+    the median wall time in ms over `runs` passes after a warm-up, by forward hooks. The hooks
+    add a little to every layer; the shares, not the sum, are the figure to read. Rows in
+    the order the layers ran."""
+    threads = threads or torch.get_num_threads()
+    model.eval()
+    x = torch.rand(batch_size, *input_shape)
+    started: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name and not any(True for _ in module.children()) and not isinstance(module, nn.Identity):
+            def before(mod, args, name=name):
+                started[name] = time.perf_counter()
+
+            def after(mod, args, out, name=name):
+                if name not in times:
+                    times[name] = []
+                    order.append(name)
+                times[name].append((time.perf_counter() - started[name]) * 1000.0)
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        with num_threads(threads):
+            model(x)   # warm-up: plans, oneDNN primitives, caches
+            times.clear()
+            order.clear()
+            for _ in range(runs):
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    return [{"layer": name, "type": type(modules[name]).__name__, "ms": round(statistics.median(times[name]), 4)}
+            for name in order]

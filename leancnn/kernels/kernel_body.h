@@ -1,86 +1,96 @@
-// The pSConv compute loops, included once per instruction set with these macros
-// defined: VEC (vector type), VW (floats per vector), VZERO(), VLOAD(p) (aligned),
-// VLOADU(p) (unaligned), VBCAST(p) (one float broadcast to every lane),
-// VFMA(a, b, c) (a * b + c), VSTORE(p, v), and kMaxQ (pixel vectors per tile); the
-// namespace also provides lanes_to_vectors(), shift_row(), shifted_vectors() and
-// finish_block() (psconv_kernel.cpp). The macros are undefined at the end.
-// Layout and plan: psconv_kernel.cpp.
+// The sparse kernel's loops, written once over an instruction set's traits V and instantiated
+// by each instruction set's translation unit inside its target pragma (kernel_generic.cpp,
+// kernel_avx2.cpp, kernel_avx512.cpp). V provides: Vec (the vector type), kWidth (floats per
+// vector), zero(), load(p) (64-byte aligned), loadu(p), broadcast(p), fma(a, b, c) (a * b + c),
+// store(p, v); kMaxQ (pixel vectors per tile at most), kAccumulators and kRegisters (vector
+// registers for sums, and in all); and the layout steps lanes_to_vectors(), shift_row(),
+// shifted_vectors() and finish_block() (their contracts: kernel_generic.cpp). Layout and plan:
+// psconv_kernel.cpp.
+#pragma once
 
-constexpr int PV = kPixelVector / VW;  // machine vectors per pixel vector
+#include "kernel_common.h"
+
+namespace leancnn {
+namespace body {
+
+template <class V>
+constexpr int PV = kPixelVector / V::kWidth;  // machine vectors per pixel vector
 constexpr uint32_t kLeftTaps = 1u << 0 | 1u << 3 | 1u << 6;   // dx = 0
 constexpr uint32_t kRightTaps = 1u << 2 | 1u << 5 | 1u << 8;  // dx = 2
 
 // One chunk of R filters (one support) on one tile of Q pixel vectors: per listed
 // (tap, channel) pair, Q pixel-vector loads, R weight broadcasts and R x Q FMAs;
 // the R x Q accumulators stay in registers and end as R rows of `stage`.
-template <int R, int Q>
+template <class V, int R, int Q>
 static void chunk_tile(bool first, const float* base, int64_t tile_step, const Segment* segments, int count,
                        float* stage) {
-  constexpr int N = Q * PV;
-  VEC acc[R][N];
+  constexpr int N = Q * PV<V>;
+  typename V::Vec acc[R][N];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int k = 0; k < N; ++k) acc[r][k] = first ? VZERO() : VLOADU(stage + r * Q * kPixelVector + k * VW);
+    for (int k = 0; k < N; ++k) acc[r][k] = first ? V::zero() : V::loadu(stage + r * Q * kPixelVector + k * V::kWidth);
   for (int g = 0; g < count; ++g) {  // the sums stay in registers from segment to segment
     const int32_t* offsets = segments[g].offsets;
     const float* weight = segments[g].weight;
     for (int32_t e = 0, pairs = segments[g].pairs; e < pairs; ++e, weight += R) {
       const float* source = base + offsets[e];
-      VEC x[N];
+      typename V::Vec x[N];
 #pragma GCC unroll 4
       for (int q = 0; q < Q; ++q)
 #pragma GCC unroll 16
-        for (int v = 0; v < PV; ++v) x[q * PV + v] = VLOAD(source + q * tile_step + v * VW);
+        for (int v = 0; v < PV<V>; ++v) x[q * PV<V> + v] = V::load(source + q * tile_step + v * V::kWidth);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const VEC b = VBCAST(weight + r);
+        const typename V::Vec b = V::broadcast(weight + r);
 #pragma GCC unroll 16
-        for (int k = 0; k < N; ++k) acc[r][k] = VFMA(b, x[k], acc[r][k]);
+        for (int k = 0; k < N; ++k) acc[r][k] = V::fma(b, x[k], acc[r][k]);
       }
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int k = 0; k < N; ++k) VSTORE(stage + r * Q * kPixelVector + k * VW, acc[r][k]);
+    for (int k = 0; k < N; ++k) V::store(stage + r * Q * kPixelVector + k * V::kWidth, acc[r][k]);
 }
 
 // The most pixel vectors per tile (1, 2, 4 or 8, at most kMaxQ) whose accumulators for chunks of
 // `filters` filters fit the registers: per-filter chunks (irregular sparsity) get wide tiles, so
 // that each broadcast weight feeds enough independent FMA chains to hide the FMA latency.
+template <class V>
 static int tile_vectors(int filters) {
   // Registers a tile holds: its accumulators, its inputs when more than one filter reuses them (a
   // single filter takes each input as a memory operand), and the broadcast weight.
   const auto fits = [filters](int q) {
-    return filters * q * PV <= kAccumulators && filters * q * PV + (filters > 1 ? q * PV : 0) + 1 <= kRegisters;
+    return filters * q * PV<V> <= V::kAccumulators && filters * q * PV<V> + (filters > 1 ? q * PV<V> : 0) + 1 <= V::kRegisters;
   };
   int q = 1;
-  while (q * 2 <= kMaxQ && fits(q * 2)) q *= 2;
+  while (q * 2 <= V::kMaxQ && fits(q * 2)) q *= 2;
   return q;
 }
 
-template <int R, int Q>
+template <class V, int R, int Q>
 static void chunk_tile_fitting(bool first, const float* base, int64_t tile_step, const Segment* segments, int count,
                                float* stage) {
   // Tiles too wide for R filters' accumulators are never chosen (tile_vectors): not instantiated.
-  if constexpr (R * Q * PV <= kAccumulators || Q == 1) chunk_tile<R, Q>(first, base, tile_step, segments, count, stage);
+  if constexpr (R * Q * PV<V> <= V::kAccumulators || Q == 1) chunk_tile<V, R, Q>(first, base, tile_step, segments, count, stage);
 }
 
-template <int Q>
+template <class V, int Q>
 static void chunk_tile_r(int r, bool first, const float* base, int64_t tile_step, const Segment* segments,
                          int count, float* stage) {
   switch (r) {
-    case 1: return chunk_tile_fitting<1, Q>(first, base, tile_step, segments, count, stage);
-    case 2: return chunk_tile_fitting<2, Q>(first, base, tile_step, segments, count, stage);
-    case 3: return chunk_tile_fitting<3, Q>(first, base, tile_step, segments, count, stage);
-    case 4: return chunk_tile_fitting<4, Q>(first, base, tile_step, segments, count, stage);
-    case 5: return chunk_tile_fitting<5, Q>(first, base, tile_step, segments, count, stage);
-    default: return chunk_tile_fitting<kMaxChunk, Q>(first, base, tile_step, segments, count, stage);
+    case 1: return chunk_tile_fitting<V, 1, Q>(first, base, tile_step, segments, count, stage);
+    case 2: return chunk_tile_fitting<V, 2, Q>(first, base, tile_step, segments, count, stage);
+    case 3: return chunk_tile_fitting<V, 3, Q>(first, base, tile_step, segments, count, stage);
+    case 4: return chunk_tile_fitting<V, 4, Q>(first, base, tile_step, segments, count, stage);
+    case 5: return chunk_tile_fitting<V, 5, Q>(first, base, tile_step, segments, count, stage);
+    default: return chunk_tile_fitting<V, kMaxChunk, Q>(first, base, tile_step, segments, count, stage);
   }
 }
 
 // Chunks [k_begin, k_end) on one tile (Q pixel vectors from `base`): their stage rows.
+template <class V>
 static void compute_tile(const Problem& p, const float* base, int q, float* stage, int64_t k_begin, int64_t k_end) {
   const int64_t row = static_cast<int64_t>(q) * kPixelVector;  // stage floats per filter
   const int64_t blocks = p.blocks;
@@ -96,16 +106,17 @@ static void compute_tile(const Problem& p, const float* base, int q, float* stag
       }
       float* rows = stage + p.chunk_slot[k] * row;
       const bool first = block == 0;  // the first pass starts the sums
-      if (q == 8 && kMaxQ >= 8) chunk_tile_r<(kMaxQ >= 8 ? 8 : 1)>(r, first, base, p.tile_step, segments, count, rows);
-      else if (q == 4 && kMaxQ >= 4) chunk_tile_r<(kMaxQ >= 4 ? 4 : 1)>(r, first, base, p.tile_step, segments, count, rows);
-      else if (q == 2 && kMaxQ >= 2) chunk_tile_r<(kMaxQ >= 2 ? 2 : 1)>(r, first, base, p.tile_step, segments, count, rows);
-      else chunk_tile_r<1>(r, first, base, p.tile_step, segments, count, rows);
+      if (q == 8 && V::kMaxQ >= 8) chunk_tile_r<V, (V::kMaxQ >= 8 ? 8 : 1)>(r, first, base, p.tile_step, segments, count, rows);
+      else if (q == 4 && V::kMaxQ >= 4) chunk_tile_r<V, (V::kMaxQ >= 4 ? 4 : 1)>(r, first, base, p.tile_step, segments, count, rows);
+      else if (q == 2 && V::kMaxQ >= 2) chunk_tile_r<V, (V::kMaxQ >= 2 ? 2 : 1)>(r, first, base, p.tile_step, segments, count, rows);
+      else chunk_tile_r<V, 1>(r, first, base, p.tile_step, segments, count, rows);
     }
   }
 }
 
 // Output channels [f_begin, f_end) (multiples of 16, or the end) of a computed tile: its real
 // pixels in channel order to the output, with bias, residual and ReLU.
+template <class V>
 static void finish_tile(const Problem& p, const float* stage, int q, const Tile& tile, int64_t f_begin,
                         int64_t f_end) {
   const int64_t row = static_cast<int64_t>(q) * kPixelVector;
@@ -116,7 +127,7 @@ static void finish_tile(const Problem& p, const float* stage, int q, const Tile&
     for (int64_t v = 0; v < q; ++v) {
       int64_t out_pixel = 0;
       const int pixels = vector_span(p, tile, v, &out_pixel);
-      if (pixels > 0) finish_block(p, filter_rows, count, v * kPixelVector, out_pixel, pixels, f0);
+      if (pixels > 0) V::finish_block(p, filter_rows, count, v * kPixelVector, out_pixel, pixels, f0);
     }
   }
 }
@@ -126,6 +137,7 @@ static void finish_tile(const Problem& p, const float* stage, int q, const Tile&
 // input; phase 1 (tap planes at stride 1, once phase 0 is done for the whole batch) derives the
 // eight outer tap planes from the centre one: each is the centre shifted by
 // (dy - 1) * W + (dx - 1) pixels, zero where the tap falls in the padding.
+template <class V>
 static void build_planes(const Problem& p, float* planes, int64_t first_image, int64_t images, int64_t begin,
                          int64_t end, int phase) {
   const float* lanes[kPixelVector];
@@ -146,17 +158,17 @@ static void build_planes(const Problem& p, float* planes, int64_t first_image, i
           const int64_t x = step * (u * kPixelVector + l);
           lanes[l] = x < p.in_w ? row + x * c : nullptr;
         }
-        lanes_to_vectors(lanes, c, centre + u * vector_floats);
+        V::lanes_to_vectors(lanes, c, centre + u * vector_floats);
         if (step == 2 && (p.used_taps & (kLeftTaps | kRightTaps))) {  // the odd columns: plane dx = 2 as is, and plane dx = 0 one lane later
           for (int l = 0; l < kPixelVector; ++l) lanes[l] = lanes[l] ? lanes[l] + c : nullptr;
-          lanes_to_vectors(lanes, c, centre + plane_floats + u * vector_floats);
+          V::lanes_to_vectors(lanes, c, centre + plane_floats + u * vector_floats);
         }
       }
       // Side planes only where a pair reads them (a 1x1 layer as a centre-only 3x3 reads none).
       if (step == 1 && (p.used_taps & (kLeftTaps | kRightTaps)))
-        shift_row(centre, centre - plane_floats, centre + plane_floats, w16, c, vector_floats);  // dx = 0, 2
+        V::shift_row(centre, centre - plane_floats, centre + plane_floats, w16, c, vector_floats);  // dx = 0, 2
       else if (step == 2 && (p.used_taps & kLeftTaps))
-        shift_row(centre + plane_floats, centre - plane_floats, nullptr, w16, c, vector_floats);  // dx = 0
+        V::shift_row(centre + plane_floats, centre - plane_floats, nullptr, w16, c, vector_floats);  // dx = 0
     }
     return;
   }
@@ -180,7 +192,7 @@ static void build_planes(const Problem& p, float* planes, int64_t first_image, i
     if (phase == 0) {
       for (int k = 0; k < 9; ++k)
         if ((!derive && (p.used_taps >> k & 1u)) || k == 4)
-          lanes_to_vectors(taps[k], c, planes + k * plane_floats + v * vector_floats);
+          V::lanes_to_vectors(taps[k], c, planes + k * plane_floats + v * vector_floats);
       continue;
     }
     const float* centre = planes + 4 * plane_floats;
@@ -191,22 +203,16 @@ static void build_planes(const Problem& p, float* planes, int64_t first_image, i
       const int shift = static_cast<int>(from - low * kPixelVector);
       const float* low_vector = low >= 0 && low < vectors ? centre + low * vector_floats : nullptr;
       const float* high_vector = low + 1 >= 0 && low + 1 < vectors ? centre + (low + 1) * vector_floats : nullptr;
-      shifted_vectors(low_vector, high_vector, shift, valid[k], c, planes + k * plane_floats + v * vector_floats);
+      V::shifted_vectors(low_vector, high_vector, shift, valid[k], c, planes + k * plane_floats + v * vector_floats);
     }
   }
 }
 
-void run(const Problem& p, const int32_t* channels, const int32_t* taps, int64_t pairs, int64_t pass_blocks,
-         bool serial) {
-  run_problem(p, channels, taps, pairs, pass_blocks, serial,
-              Steps{build_planes, compute_tile, finish_tile, tile_vectors});
+// The instruction set's steps, for the dispatch in psconv_kernel.cpp.
+template <class V>
+Steps steps() {
+  return Steps{build_planes<V>, compute_tile<V>, finish_tile<V>, tile_vectors<V>};
 }
 
-#undef VEC
-#undef VW
-#undef VZERO
-#undef VLOAD
-#undef VLOADU
-#undef VBCAST
-#undef VFMA
-#undef VSTORE
+}  // namespace body
+}  // namespace leancnn
