@@ -1,4 +1,4 @@
-"""Latency repeatability and the per-layer profile the README quotes.
+"""Latency repeatability and the per-layer profile docs/results.md quotes.
 
 Measures the same model twice in one run (interleaved), for batch 1 and 64 on
 1 and all threads, in both memory formats, and checks the two medians agree

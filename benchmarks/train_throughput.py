@@ -1,7 +1,7 @@
 """Trainer throughput against a minimal hand-written PyTorch loop: same model,
 batch, optimizer, threads and in-memory data; no augmentation in either, so
 both do the same work. Prints images per second (median of alternating
-repeats) and the ratio the README quotes.
+repeats) and the ratio docs/results.md quotes.
 
     .venv/bin/python benchmarks/train_throughput.py [--model resnet20] [--steps 40] [--repeats 3]
 """

@@ -30,9 +30,9 @@ class Bench(Command):
         parser.add_argument("--methods", nargs="+", default=None,
                             help="methods or specs to compare (default: every registered method at its bench "
                                  "strengths)")
-        parser.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default 5; --quick: 2)")
+        parser.add_argument("--epochs", type=int, default=None, help="epochs per candidate (default 5; --quick: 4)")
         parser.add_argument("--train-subset", type=int, default=None,
-                            help="training images (default all; --quick: 8000)")
+                            help="training images (default all; --quick: 10000)")
         parser.add_argument("--test-subset", type=int, default=None, help="test images (default all; --quick: 2000)")
         parser.add_argument("--budget", default=None, metavar="KEY=VALUE,...",
                             help="the deployment budget to answer for: latency_ms (at --batch), storage_kib, "
@@ -47,8 +47,9 @@ class Bench(Command):
         parser.add_argument("--attack", action="append", default=[],
                             help="also measure accuracy under this attack (repeatable)")
         parser.add_argument("--quick", action="store_true",
-                            help="a small real bench for a first look: resnet20 width 0.5, 2 epochs on 8000 images, "
-                                 "each method at its first strength (about 3 minutes on 2 cores)")
+                            help="a small real bench for a first look (what `make demo` runs): resnet20 width 0.5, "
+                                 "4 epochs on 10000 images, dense and each method at its first strength (about 4 "
+                                 "minutes on 2 cores); it says how far from a full bench it is")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--threads", type=int, default=0,
                             help="CPU threads for training and latency (0 = all)")
@@ -72,7 +73,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     for candidate in candidates:
         for spec in candidate.methods:
             parse_method(spec)  # bad specs fail before anything is trained
-    plan = BenchPlan(data=args.data, model=model, width=args.width or quick.get("width", 1.0),
+    plan = BenchPlan(quick=args.quick, data=args.data, model=model, width=args.width or quick.get("width", 1.0),
                      epochs=args.epochs or quick.get("epochs", 5),
                      train_subset=args.train_subset or quick.get("train_subset"),
                      test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,

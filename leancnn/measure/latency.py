@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -119,19 +118,6 @@ def fastest_format_latency(model: nn.Module, input_shape: tuple[int, ...], *, ba
 
 def latency_key(batch_size: int, threads: int) -> str:
     return f"batch{batch_size}_threads{threads}"
-
-
-def latency_at(table: dict[str, float], batch_size: int, threads: int | None = None) -> float | None:
-    """result.json's latency_ms read back: the median ms at `batch_size` and `threads`
-    (None: the most threads measured), or None when that was not measured."""
-    measured = {}
-    for key, value in table.items():
-        match = re.fullmatch(r"batch(\d+)_threads(\d+)", key)
-        if match and int(match.group(1)) == batch_size:
-            measured[int(match.group(2))] = value
-    if not measured:
-        return None
-    return measured.get(threads) if threads is not None else measured[max(measured)]
 
 
 def latency_table(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 64), threads_list=None,

@@ -68,6 +68,8 @@ class Method:
     bench_specs: ClassVar[list[str]] = []
     # True for methods that act on a trained run (`leancnn compress`), not before training.
     post_training: ClassVar[bool] = False
+    # False for methods too slow to train for `leancnn bench --quick` (the full bench has them).
+    in_quick_bench: ClassVar[bool] = True
 
     @classmethod
     def parse_alias(cls, name: str) -> dict[str, str] | None:

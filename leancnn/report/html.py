@@ -15,6 +15,7 @@ table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 tr.front td:first-child { font-weight: bold; } .error { color: #b00; text-align: left; }
+tr.chosen td { background: #effaf3; }
 img { max-width: 100%; margin: 1em 0; } .meta { color: #666; font-size: 0.9em; }
 .answer { border-left: 6px solid #2a7; background: #effaf3; padding: 0.6em 1em; margin: 1em 0; font-size: 1.05em; }
 .answer p { margin: 0.3em 0; } .answer p:nth-child(2) { font-weight: bold; font-size: 1.15em; }
@@ -64,10 +65,11 @@ def _detail(detail: CandidateDetail) -> str:
 
 def write_report(path: Path, title: str, columns: list[str], rows: list[list[str]], front_rows: set[int],
                  plots: list[Path], notes: list[str], answer: list[str] | None = None,
-                 details: list[CandidateDetail] | None = None) -> Path:
+                 details: list[CandidateDetail] | None = None, chosen_row: int | None = None) -> Path:
     if columns and columns[-1] == "error" and not any(row[-1] for row in rows):
         columns, rows = columns[:-1], [row[:-1] for row in rows]  # no failures: no empty column
-    classes = ["front" if index in front_rows else "" for index in range(len(rows))]
+    classes = [" ".join(c for c in ("front" if index in front_rows else "", "chosen" if index == chosen_row else "") if c)
+               for index in range(len(rows))]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
@@ -78,7 +80,8 @@ def write_report(path: Path, title: str, columns: list[str], rows: list[list[str
                      + "</div>")
     parts += [*(f"<p class='meta'>{html.escape(n)}</p>" for n in notes),
               "<h2>All candidates</h2>", _table(columns, rows, classes),
-              "<p class='meta'>Bold names are on the accuracy/effective-MACs Pareto front. MACs eff: "
+              "<p class='meta'>Bold names are on the accuracy/effective-MACs Pareto front; the shaded row is the "
+              "answer above. MACs eff: "
               "multiply-accumulates per image that are not multiplications by a zero weight. Speed-up: dense "
               "latency over the candidate's, both deployed, measured here.</p>",
               "<h2>Accuracy against cost</h2>", *(_image_tag(p) for p in plots if p and p.is_file())]

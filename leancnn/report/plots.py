@@ -9,6 +9,7 @@ from .pareto import pareto_front
 
 AXES = {
     "macs": ("macs_effective", "effective MACs per image (millions)", 1e-6),
+    "latency_b1": ("latency_b1_ms", "latency, batch 1 (ms)", 1.0),
     "latency": ("latency_b64_ms", "latency, batch 64 (ms)", 1.0),
     "storage": ("storage_bytes", "storage (KiB)", 1 / 1024),
 }
