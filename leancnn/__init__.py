@@ -5,6 +5,7 @@ from .deploy import deploy, deploy_plan  # noqa: E402  (the function shadows the
 from .measure import count as profile  # noqa: E402
 from .methods import apply_methods, parse_method  # noqa: E402
 from .models import create_model  # noqa: E402
+from .profiling import profile_model  # noqa: E402
 
 
 def apply_method(model, spec: str):
@@ -13,4 +14,4 @@ def apply_method(model, spec: str):
     return model
 
 
-__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "apply_methods", "create_model", "parse_method", "profile"]
+__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "apply_methods", "create_model", "parse_method", "profile", "profile_model"]

@@ -227,11 +227,13 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     write_text(out / "results.md", lead + "\n".join(notes) + "\n\n" + "\n".join(md)
                + "\n\nBold: on the accuracy/effective-MACs Pareto front.\n")
     ok = [r for r in rows if not r.get("error")]
-    plots = [plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {axis}")
-             for axis in ("macs", "latency_b1", "latency", "storage")]
+    axes = {"macs": "effective MACs", "latency_b1": "batch-1 latency", "latency": "batch-64 latency",
+            "storage": "storage"}
+    plots = [plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {name}")
+             for axis, name in axes.items()]
     chosen = next((i for i, r in enumerate(rows) if recommendation and r is recommendation.chosen), None)
     report = write_report(out / "report.html", title, COLUMNS, lines, front, [p for p in plots if p], notes,
-                          answer=answer_lines, details=candidate_details(ok), chosen_row=chosen)
+                          answer=answer_lines, details=candidate_details(ok, recommendation), chosen_row=chosen)
     files = {"report": report, "csv": out / "results.csv", "markdown": out / "results.md",
              **{f"plot_{p.stem}": p for p in plots if p}}
     if recommendation:
@@ -239,7 +241,8 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     return files
 
 
-def candidate_details(rows: list[dict[str, Any]], top: int = 8) -> list[CandidateDetail]:
+def candidate_details(rows: list[dict[str, Any]], recommendation: Recommendation | None = None,
+                      top: int = 8) -> list[CandidateDetail]:
     """Per candidate: what each kernel layer runs (its deploy plan) and the layers that take
     the most time, for the report."""
     details = []
@@ -251,7 +254,8 @@ def candidate_details(rows: list[dict[str, Any]], top: int = 8) -> list[Candidat
                  ", ".join(f"{name} {ms:.3f}" for name, ms in p["times_ms"].items())]
                 for p in row.get("deploy_plan") or []]
         time_rows = [[e["layer"], e["type"], f"{e['ms']:.3f}", f"{100 * e['ms'] / total:.1f}%"] for e in slowest]
-        details.append(CandidateDetail(row["label"], plan, time_rows, len(timed)))
+        chosen = recommendation is not None and row is recommendation.chosen
+        details.append(CandidateDetail(row["label"], plan, time_rows, len(timed), chosen))
     return details
 
 

@@ -57,7 +57,7 @@ def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
     # Per candidate: PS4_P4's pSConv layers have deploy plans; every candidate has its layer times.
     ps = next(r for r in rows if r["label"] == "PS4_P4")
     assert ps["deploy_plan"] and {p["choice"] for p in ps["deploy_plan"]} <= {"dense", "dense-other-format", *PASS_CHOICES}
-    assert html.count("<details>") == 2 and ps["deploy_plan"][0]["layer"] in html
+    assert html.count("<details") == 2 and html.count("<details open>") == 1 and ps["deploy_plan"][0]["layer"] in html
     assert {t["type"] for t in rows[0]["layer_times"]} >= {"Conv2d", "Linear"}
     assert files["plot_pareto_macs"].read_bytes().startswith(b"\x89PNG")
     assert "PS4_P4" in files["markdown"].read_text()

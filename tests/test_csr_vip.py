@@ -141,8 +141,15 @@ def test_compress_vip_auto_respects_max_drop(synthetic_vgg, tmp_path):
 
     result = compress_run(synthetic_vgg.run_dir, ["vip:layers=auto,max_drop=0.05,per_round=1,rounds=2"], epochs=0,
                           out=tmp_path / "auto", progress=False, latency=False)
-    chosen = result["compress"]["vip_layers"]
-    assert 1 <= len(chosen) <= 2
+    notes = result["compress"]
+    chosen, rounds, base = notes["vip_layers"], notes["vip_rounds"], notes["vip_base_accuracy"]
+    ranked = list(notes["vip_sensitivity"])
+    # Each round adds the next least sensitive block; a round is kept exactly when its drop is
+    # within max_drop, and the first one that is not ends the search.
+    assert [r["added"] for r in rounds] == [[name] for name in ranked[:len(rounds)]]
+    assert [r["kept"] for r in rounds] == [base - r["accuracy"] <= 0.05 for r in rounds]
+    assert all(r["kept"] for r in rounds[:-1]) and (len(rounds) == 2 or not rounds[-1]["kept"])
+    assert chosen == [name for r in rounds if r["kept"] for name in r["added"]] == ranked[:len(chosen)]
     assert result["methods"][-1].startswith("vip:layers=" + "+".join(chosen))
 
 

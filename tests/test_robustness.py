@@ -122,12 +122,28 @@ def test_eval_and_profile_cli_on_a_trained_run(trained_fmnist, capsys):
     assert "eps must be >= 0" in capsys.readouterr().err
 
 
-def test_latency_reports_median_and_p90():
-    from leancnn.models import create_model
+class TimedByAFakeClock(torch.nn.Module):
+    """Each forward advances a fake clock by the next of `durations` (seconds)."""
 
-    stat = measure_latency(create_model("resnet20", width=0.25, in_channels=1), (1, 16, 16), batch_size=2,
-                           threads=1, runs=20)
-    assert stat.runs >= 20 and 0 < stat.median_ms <= stat.p90_ms
+    def __init__(self, durations):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.durations, self.now = list(durations), 0.0
+
+    def forward(self, x):
+        self.now += self.durations.pop(0)
+        return x
+
+
+def test_latency_reports_median_and_p90_of_the_timed_runs(monkeypatch):
+    from leancnn.measure import latency as latency_module
+
+    # Warm-up: 2 runs of 1 s (not timed); then 10 timed runs of 1..10 ms, shuffled.
+    model = TimedByAFakeClock([1.0, 1.0] + [ms / 1000 for ms in (7, 2, 9, 4, 1, 10, 3, 8, 6, 5)])
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: model.now)
+    stat = measure_latency(model, (1, 2, 2), batch_size=1, threads=1, warmup=2, warmup_seconds=0.0, runs=10)
+    assert stat.runs == 10 and model.durations == []
+    assert stat.median_ms == pytest.approx(5.5) and stat.p90_ms == pytest.approx(9.1)   # p90: 9 + 0.1 x (10 - 9)
 
 
 def test_onnxruntime_latency_backend():
@@ -147,4 +163,4 @@ def test_onnxruntime_latency_backend():
         expected = model(x)
     assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected, atol=1e-5)
     stat = measure_onnx_latency(model, (1, 16, 16), batch_size=2, runs=20)
-    assert stat.backend == "onnxruntime" and 0 < stat.median_ms <= stat.p90_ms
+    assert stat.backend == "onnxruntime" and stat.runs == 20 and stat.batch_size == 2 and stat.median_ms > 0

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from leancnn.errors import TrainingDiverged
-from leancnn.experiment import train_run
+from leancnn.experiment import prepare_data, train_run
 from leancnn.io import load_tensors
 from leancnn.methods import Method, register_method
 from leancnn.methods.base import METHODS
 from leancnn.runs import RESULT_KEYS, list_runs, load_run
+from leancnn.train import evaluate
 from leancnn.train.schedules import learning_rate
 
 from .conftest import tiny_config
@@ -68,7 +69,9 @@ def test_run_directory_contract(tmp_path):
         assert (run_dir / name).is_file(), name
     result = json.loads((run_dir / "result.json").read_text())
     assert set(RESULT_KEYS) <= set(result)
-    assert 0 <= result["test_acc"] <= 1 and result["epochs"] == 2 and result["train_seconds"] > 0
+    dataset = prepare_data(tiny_config(tmp_path))   # the run's test subset, again
+    assert result["test_acc"] == evaluate(outcome.model, dataset.test_images, dataset.test_labels).top1
+    assert result["epochs"] == 2 and result["train_seconds"] > 0
     assert result["params_total"] == sum(p.numel() for p in outcome.model.parameters())
     assert result["macs_dense"] > 0 and result["latency_ms"]
     assert result["versions"]["torch"] == torch.__version__

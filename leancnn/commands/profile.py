@@ -4,15 +4,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..deploy import deploy, deploy_plan
 from ..errors import LeancnnError
-from ..measure import count, latency_table
-from ..measure.counting import parse_input_shape
-from ..measure.latency import machine
-from ..measure.onnx_latency import measure_onnx_latency, onnx_available
+from ..measure.counting import TOTAL_KEYS, parse_input_shape
 from ..methods import apply_methods
 from ..models import create_model
 from ..report.table import print_profile
+from ..profiling import profile_model
 from ..runs import load_run
 from .base import Command, print_json, register_command
 
@@ -54,31 +51,10 @@ def run_profile(args: argparse.Namespace) -> int:
         model = create_model(args.model, num_classes=args.classes, in_channels=input_shape[0], width=args.width)
         model, _ = apply_methods(model, args.methods)
         title = f"{args.model} at {'x'.join(map(str, input_shape))}" + (f" with {', '.join(args.methods)}" if args.methods else "")
-    if args.deploy:  # what inference runs: batch norm folded, sparse layers on their measured plans
-        model = deploy(model)
-        title += ", deployed"
-    profile = count(model, input_shape)  # its batch-1 pass makes the deployed layers' batch-1 plans
-    totals = profile.totals()
-    output = {"input_shape": list(input_shape), "methods": args.methods, **totals,
-              "layers": [row.as_dict() for row in profile.layers]}
-    if args.latency:
-        output["latency_ms"] = latency_table(model, input_shape)
-        output["machine"] = machine()
-        if onnx_available():  # the deployed figure, when the onnx extra is installed
-            output["latency_ms_onnxruntime"] = {
-                f"batch{b}_threads{t}": round(measure_onnx_latency(model, input_shape, batch_size=b, threads=t).median_ms, 4)
-                for t in sorted({1, machine()["threads_default"]}) for b in (1, 64)}
     if args.deploy:
-        output["deploy_plan"] = deploy_plan(model)
-        runs = {}  # layer -> what its first plan (batch 1, this thread count) runs, and in how long
-        for row in output["deploy_plan"]:
-            runs.setdefault(row["layer"], row)
-        for layer in output["layers"]:
-            plan = runs.get(layer["name"])
-            if plan is not None:
-                layer["runs"] = plan["choice"]
-                layer["runs_ms"] = plan["times_ms"][plan["choice"]]
-                layer["dense_ms"] = plan["times_ms"]["dense"]
+        title += ", deployed"
+    output = {"methods": args.methods, **profile_model(model, input_shape, deployed=args.deploy, latency=args.latency)}
+    totals = {key: output[key] for key in TOTAL_KEYS}
     if args.json:
         print_json(output)
     else:

@@ -96,6 +96,7 @@ class ViP(Method):
             drops[name] = base - context.accuracy(wrap(copy.deepcopy(model), [name]))
         ranked = sorted(candidates, key=lambda n: drops[n])
         context.notes["vip_sensitivity"] = {n: round(drops[n], 4) for n in ranked}
+        context.notes["vip_base_accuracy"] = base
         context.log(f"ViP sensitivity (accuracy drop on {len(context.selection_labels)} held-out training images, "
                     f"base {100 * base:.2f}%):")
         for name in ranked:
@@ -103,6 +104,8 @@ class ViP(Method):
         if self.options.sensitivity:
             return None
         chosen: list[str] = []
+        rounds: list[dict] = []   # what each round tried, its accuracy, and whether it was kept
+        context.notes["vip_rounds"] = rounds
         current = model
         for round_number in range(self.options.rounds):
             batch = [n for n in ranked if n not in chosen][:self.options.per_round]
@@ -112,7 +115,9 @@ class ViP(Method):
             accuracy = context.accuracy(trial)
             context.log(f"round {round_number + 1}: + {', '.join(batch)} -> {100 * accuracy:.2f}% "
                         f"(drop {100 * (base - accuracy):.2f} points)")
-            if base - accuracy > self.options.max_drop:
+            kept = base - accuracy <= self.options.max_drop
+            rounds.append({"added": batch, "accuracy": accuracy, "kept": kept})
+            if not kept:
                 break
             chosen += batch
             current = trial

@@ -29,6 +29,7 @@ class CandidateDetail:
     plan: list[list[str]]        # layer, density, what it runs, every choice's measured ms
     slowest: list[list[str]]     # layer, type, ms, share of the pass
     layers_timed: int
+    chosen: bool = False         # the answer's candidate: shown open
 
 
 def _image_tag(path: Path) -> str:
@@ -47,7 +48,8 @@ def _table(columns: list[str], rows: list[list[str]], row_classes: list[str] | N
 
 
 def _detail(detail: CandidateDetail) -> str:
-    parts = [f"<details><summary>{html.escape(detail.label)}</summary>"]
+    parts = [f"<details{' open' if detail.chosen else ''}><summary>{html.escape(detail.label)}"
+             f"{' (the answer)' if detail.chosen else ''}</summary>"]
     if detail.plan:
         parts.append("<p class='meta'>What each sparse-kernel layer runs (its deploy plan, measured on this "
                      "machine per batch size and thread count):</p>")
