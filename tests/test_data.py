@@ -178,7 +178,14 @@ def test_flip_and_loader_determinism():
     assert len(first) == 4 and first[-1][0].shape[0] == 2
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
     assert sorted(torch.cat([y for _, y in first]).tolist()) == list(range(50))
-    assert 0.0 <= first[0][0].min() and first[0][0].max() <= 1.0
+    # Every sample is its own image, shifted by at most the padding (zeros coming in) and maybe
+    # flipped, in [0, 1] pixel units.
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))
+    for x, y in zip(first[0][0], first[0][1]):
+        pixels = x * 255
+        assert torch.equal(pixels, pixels.round())
+        shifts = [padded[y, :, dy:dy + 6, dx:dx + 6].float() for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(pixels, s) or torch.equal(pixels, s.flip(-1)) for s in shifts)
 
 
 def test_random_crop_returns_plain_contiguous_strides_for_one_channel():
