@@ -7,7 +7,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ConfigError
+from .spec import check_value
 
 Schedule = Literal["onecycle", "cosine", "step"]
 
@@ -83,30 +84,6 @@ class TrainConfig:
         return Path("runs") / f"{self.model}-w{self.width:g}{methods}-{self.data}-s{self.seed}"
 
 
-def _check_type(key: str, value: Any, expected: Any, source: str) -> Any:
-    origin = get_origin(expected)
-    args = get_args(expected)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(args)}, got {value!r}")
-        return value
-    if args and type(None) in args:  # Optional
-        if value is None:
-            return None
-        return _check_type(key, value, next(a for a in args if a is not type(None)), source)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: key {key!r} expects a list, got {type(value).__name__}")
-        return [_check_type(key, v, args[0], source) for v in value]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got bool")
-    if not isinstance(value, expected):
-        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def config_fields() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
 
@@ -121,7 +98,7 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], source: str) ->
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(hints)}")
-        setattr(config, key, _check_type(key, value, hints[key], source))
+        setattr(config, key, check_value(key, value, hints[key], source))
     return config
 
 

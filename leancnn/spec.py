@@ -1,5 +1,6 @@
-"""Parsing of `name:key=value,key=value` specs (methods, attacks) into typed
-dataclass options."""
+"""Parsing of `name:key=value,key=value` specs (methods, attacks, budgets) into typed
+dataclass options, and the one place that reads type hints: `parse_value` reads strings (specs,
+command-line flags), `check_value` checks values that already have a type (TOML config)."""
 from __future__ import annotations
 
 import dataclasses
@@ -78,6 +79,32 @@ def _convert(value: str, target: Any, where: str) -> Any:
     except ValueError:
         raise ConfigError(f"{where}: {value!r} is not a valid {target.__name__}") from None
     raise ConfigError(f"{where}: unsupported option type {target}")
+
+
+def check_value(key: str, value: Any, expected: Any, source: str) -> Any:
+    """A value that already has a type (read from TOML) checked against the hint `expected`:
+    the TOML side of the one place that reads type hints (parse_value is the string side)."""
+    origin = typing.get_origin(expected)
+    args = typing.get_args(expected)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: key {key!r} must be one of {', '.join(args)}, got {value!r}")
+        return value
+    if args and type(None) in args:  # Optional
+        if value is None:
+            return None
+        return check_value(key, value, next(a for a in args if a is not type(None)), source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key {key!r} expects a list, got {type(value).__name__}")
+        return [check_value(key, v, args[0], source) for v in value]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got bool")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{source}: key {key!r} expects {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def build_options(cls: type, raw: dict[str, str], where: str) -> Any:
