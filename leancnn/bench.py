@@ -106,11 +106,11 @@ def _seconds_per_image(plan: BenchPlan) -> float:
     return min(timings[1:]) / 64
 
 
-def fit_budget(plan: BenchPlan, budget_minutes: float, train_size: int) -> BenchPlan:
-    """Cut epochs, then the training subset, so all candidates fit the budget.
-    Evaluation and latency are given 25% of the budget."""
+def fit_time(plan: BenchPlan, max_minutes: float, train_size: int) -> BenchPlan:
+    """Cut epochs, then the training subset, so all candidates train within `max_minutes`.
+    Evaluation and latency are given 25% of the time."""
     per_image = _seconds_per_image(plan) * 1.15  # masks and hooks cost a little more than the dense probe
-    available = budget_minutes * 60 * 0.75 / max(len(plan.candidates), 1)
+    available = max_minutes * 60 * 0.75 / max(len(plan.candidates), 1)
     images = plan.train_subset or train_size
     if plan.epochs * images * per_image <= available:
         return plan
@@ -144,27 +144,25 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
     sparse layers on their measured plans), the faster memory format: timed in rounds that take
     turns between the candidates, the median of the rounds, so that a noisy moment of a shared
     machine lands on every candidate and not on one. Then each one's deploy plan and layer times."""
-    models = {}
-    for row in rows:
+    models = {}   # row index -> (deployed model, input shape); labels may repeat in a report
+    for index, row in enumerate(rows):
         if row.get("error"):
             continue
         try:
             model, architecture = load_run(Path(row["run_dir"]))
-            models[row["label"]] = (deploy(model), tuple(architecture["input_shape"]))
+            models[index] = (deploy(model), tuple(architecture["input_shape"]))
         except (LeancnnError, RuntimeError, ValueError) as exc:   # reported in its row; the others go on
             row["error"] = f"deploy: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-    samples: dict[str, dict[int, list[float]]] = {label: {b: [] for b in LATENCY_RUNS} for label in models}
+    samples: dict[int, dict[int, list[float]]] = {index: {b: [] for b in LATENCY_RUNS} for index in models}
     for _ in range(LATENCY_ROUNDS):
-        for label, (model, shape) in models.items():
+        for index, (model, shape) in models.items():
             for batch, runs in LATENCY_RUNS.items():
-                samples[label][batch].append(
+                samples[index][batch].append(
                     fastest_format_latency(model, shape, batch_size=batch, threads=threads, runs=runs).median_ms)
-    for row in rows:
-        if row["label"] not in models:
-            continue
-        model, shape = models[row["label"]]
+    for index, (model, shape) in models.items():
+        row = rows[index]
         for batch in LATENCY_RUNS:
-            row[f"latency_b{batch}_ms"] = round(statistics.median(samples[row["label"]][batch]), 4)
+            row[f"latency_b{batch}_ms"] = round(statistics.median(samples[index][batch]), 4)
         row["deploy_plan"] = deploy_plan(model)
         row["layer_times"] = layer_times(model, shape, batch_size=profile_batch, threads=threads)
         stored = read_json(Path(row["run_dir"]) / "result.json")

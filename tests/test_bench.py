@@ -91,18 +91,18 @@ def test_report_command_from_runs(tmp_path, capsys, monkeypatch):
     assert "Ship dense:" in capsys.readouterr().out
 
 
-def test_budget_cuts_epochs_then_images(monkeypatch):
+def test_time_limit_cuts_epochs_then_images(monkeypatch):
     import leancnn.bench as bench
 
     monkeypatch.setattr(bench, "_seconds_per_image", lambda plan: 0.01)
     plan = _plan([Candidate("dense", []), Candidate("PS4_P4", ["PS4_P4"])])
     plan.epochs, plan.train_subset = 10, None
     # 2 candidates, 10 epochs x 60000 images x 0.0115 s is far over 1 minute: both cuts happen.
-    bench.fit_budget(plan, budget_minutes=1, train_size=60000)
+    bench.fit_time(plan, max_minutes=1, train_size=60000)
     assert plan.epochs == 1 and plan.train_subset is not None and plan.train_subset < 60000
     assert [c.split(" ")[0] for c in plan.cuts] == ["epochs", "training"]
     roomy = _plan([Candidate("dense", [])])
-    bench.fit_budget(roomy, budget_minutes=60, train_size=400)
+    bench.fit_time(roomy, max_minutes=60, train_size=400)
     assert roomy.cuts == [] and roomy.epochs == 1
 
 

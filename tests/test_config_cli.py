@@ -6,6 +6,9 @@ import json
 import pytest
 
 from leancnn import __version__
+from leancnn.cli import build_parser
+from leancnn.commands import COMMANDS, GROUPS
+from leancnn.config import config_help
 from leancnn.cli import main
 from leancnn.config import load_config, to_toml
 from leancnn.errors import ConfigError
@@ -88,3 +91,23 @@ def test_train_cli_end_to_end(tmp_path, capsys, monkeypatch):
     # Same --out again: refused, nothing overwritten.
     assert main(["train", "--config", str(config), "--out", "runs/a", "--no-progress"]) == 2
     assert "already there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", COMMANDS.names())
+def test_every_registered_command_has_help_and_its_own_parser(name, capsys):
+    command = COMMANDS.get(name)
+    top = name.split()[0]   # a sub-command ("zoo build") is listed under its group
+    assert command.help and top in build_parser().format_help() and (top == name or top in GROUPS)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*name.split(), "--help"])
+    assert exit_info.value.code == 0
+    shown = "".join(capsys.readouterr().out.split())   # argparse wraps lines, also at hyphens
+    assert "".join((command.description or command.help).split()) in shown
+
+
+def test_config_flags_come_from_the_config_fields():
+    parser = build_parser()
+    text = "".join(parser._subparsers._group_actions[0].choices["train"].format_help().split())
+    for key, help_text in config_help().items():
+        if key != "methods":
+            assert f"--{key.replace('_', '-')}" in text and "".join(help_text.split()) in text

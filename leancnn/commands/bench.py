@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench import (QUICK, BenchPlan, answer, default_candidates, describe, fit_budget, print_table, run_bench,
+from ..bench import (QUICK, BenchPlan, answer, default_candidates, describe, fit_time, print_table, run_bench,
                      write_outputs)
 from ..errors import LeancnnError
 from ..report.budget import BATCHES, Budget
@@ -80,7 +80,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
                      seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch)
     if args.max_minutes:
         train_size = len(load_dataset(args.data, args.data_dir).train_labels)
-        fit_budget(plan, args.max_minutes, train_size)
+        fit_time(plan, args.max_minutes, train_size)
     out = Path(args.out)
     notes = describe(plan)
     for note in notes:
