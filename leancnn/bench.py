@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -239,6 +240,12 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     return files
 
 
+def plan_input(key: str) -> str:
+    """'... batch=64 threads=2 channels_last' (a plan key) -> 'batch 64, 2 threads, channels_last'."""
+    match = re.search(r"batch=(\d+) threads=(\d+) (\S+)$", key)
+    return f"batch {match[1]}, {match[2]} thread(s), {match[3]}" if match else key
+
+
 def candidate_details(rows: list[dict[str, Any]], recommendation: Recommendation | None = None,
                       top: int = 8) -> list[CandidateDetail]:
     """Per candidate: what each kernel layer runs (its deploy plan) and the layers that take
@@ -248,7 +255,7 @@ def candidate_details(rows: list[dict[str, Any]], recommendation: Recommendation
         timed = row.get("layer_times") or []
         total = sum(entry["ms"] for entry in timed) or 1.0
         slowest = sorted(timed, key=lambda entry: -entry["ms"])[:top]
-        plan = [[p["layer"], f"{p['density']:.3f}", p["choice"],
+        plan = [[p["layer"], plan_input(p["key"]), f"{p['density']:.3f}", p["choice"],
                  ", ".join(f"{name} {ms:.3f}" for name, ms in p["times_ms"].items())]
                 for p in row.get("deploy_plan") or []]
         time_rows = [[e["layer"], e["type"], f"{e['ms']:.3f}", f"{100 * e['ms'] / total:.1f}%"] for e in slowest]

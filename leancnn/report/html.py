@@ -26,7 +26,7 @@ details { margin: 0.4em 0; } summary { cursor: pointer; font-weight: 600; }
 @dataclass
 class CandidateDetail:
     label: str
-    plan: list[list[str]]        # layer, density, what it runs, every choice's measured ms
+    plan: list[list[str]]        # layer, the input the plan is for, density, what it runs, every choice's ms
     slowest: list[list[str]]     # layer, type, ms, share of the pass
     layers_timed: int
     chosen: bool = False         # the answer's candidate: shown open
@@ -53,7 +53,7 @@ def _detail(detail: CandidateDetail) -> str:
     if detail.plan:
         parts.append("<p class='meta'>What each sparse-kernel layer runs (its deploy plan, measured on this "
                      "machine per batch size and thread count):</p>")
-        parts.append(_table(["layer", "density", "runs", "measured ms per choice"], detail.plan))
+        parts.append(_table(["layer", "input", "density", "runs", "measured ms per choice"], detail.plan))
     else:
         parts.append("<p class='meta'>No layer with a kernel choice: every layer runs PyTorch's dense "
                      "operator.</p>")
