@@ -202,8 +202,20 @@ def answer(rows: list[dict[str, Any]], budget: Budget | None) -> Recommendation 
     return recommend(rows, budget) if budget else None
 
 
+@dataclass
+class BenchOutputs:
+    """What write_outputs wrote, and the answer it gave."""
+
+    report: Path                          # report.html
+    markdown: Path                        # results.md
+    csv: Path                             # results.csv
+    plots: dict[str, Path]                # cost axis -> its accuracy-vs-cost PNG
+    recommendation: Recommendation | None
+    recommendation_file: Path | None      # recommendation.json
+
+
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list[str],
-                  budget: Budget | None = None) -> dict[str, Path]:
+                  budget: Budget | None = None) -> BenchOutputs:
     lines, front = table_rows(rows)
     recommendation = answer(rows, budget)
     answer_lines = recommendation.lines() if recommendation else []
@@ -228,16 +240,14 @@ def write_outputs(rows: list[dict[str, Any]], out: Path, title: str, notes: list
     ok = [r for r in rows if not r.get("error")]
     axes = {"macs": "effective MACs", "latency_b1": "batch-1 latency", "latency": "batch-64 latency",
             "storage": "storage"}
-    plots = [plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {name}")
-             for axis, name in axes.items()]
+    plots = {axis: plot_front(ok, axis, out / f"pareto_{axis}.png", f"{title}: accuracy vs {name}")
+             for axis, name in axes.items()}
+    plots = {axis: path for axis, path in plots.items() if path}
     chosen = next((i for i, r in enumerate(rows) if recommendation and r is recommendation.chosen), None)
-    report = write_report(out / "report.html", title, COLUMNS, lines, front, [p for p in plots if p], notes,
+    report = write_report(out / "report.html", title, COLUMNS, lines, front, list(plots.values()), notes,
                           answer=answer_lines, details=candidate_details(ok, recommendation), chosen_row=chosen)
-    files = {"report": report, "csv": out / "results.csv", "markdown": out / "results.md",
-             **{f"plot_{p.stem}": p for p in plots if p}}
-    if recommendation:
-        files["recommendation"] = out / "recommendation.json"
-    return files
+    return BenchOutputs(report, out / "results.md", out / "results.csv", plots, recommendation,
+                        out / "recommendation.json" if recommendation else None)
 
 
 def plan_input(key: str) -> str:

@@ -46,22 +46,22 @@ def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
     assert "no 3x3 convolution to convert" in rows[2]["error"]
     assert rows[1]["macs_effective"] < rows[0]["macs_effective"]
     files = write_outputs(rows, tmp_path, "test bench", ["a note"], Budget.parse("latency_ms=1000"))
-    html = files["report"].read_text()
+    html = files.report.read_text()
     assert "data:image/png;base64," in html and "PS4_P4" in html and "no 3x3 convolution" in html
     # The report leads with the answer; the most accurate candidate fits a 1 s budget.
     best = max(rows[:2], key=lambda r: (r["test_acc"], -r["latency_b1_ms"]))["label"]
     assert html.index("id='answer'") < html.index("<table") and f"Ship {best}:" in html
     assert re.search(r'<tr class="[a-z ]*chosen"><td>' + best + "</td>", html), "the answer's row is marked"
-    assert files["plot_pareto_latency_b1"].read_bytes().startswith(b"\x89PNG")
-    assert json.loads(files["recommendation"].read_text())["chosen"] == best
+    assert files.plots["latency_b1"].read_bytes().startswith(b"\x89PNG")
+    assert json.loads(files.recommendation_file.read_text())["chosen"] == best
     # Per candidate: PS4_P4's pSConv layers have deploy plans; every candidate has its layer times.
     ps = next(r for r in rows if r["label"] == "PS4_P4")
     assert ps["deploy_plan"] and {p["choice"] for p in ps["deploy_plan"]} <= {"dense", "dense-other-format", *PASS_CHOICES}
     assert html.count("<details") == 2 and html.count("<details open>") == 1 and ps["deploy_plan"][0]["layer"] in html
     assert {t["type"] for t in rows[0]["layer_times"]} >= {"Conv2d", "Linear"}
-    assert files["plot_pareto_macs"].read_bytes().startswith(b"\x89PNG")
-    assert "PS4_P4" in files["markdown"].read_text()
-    assert len(files["csv"].read_text().splitlines()) == 4
+    assert files.plots["macs"].read_bytes().startswith(b"\x89PNG")
+    assert "PS4_P4" in files.markdown.read_text()
+    assert len(files.csv.read_text().splitlines()) == 4
     first_result = (tmp_path / "runs" / "dense" / "result.json").stat().st_mtime_ns
     again = run_bench(_plan(candidates[:1]), tmp_path, progress=False)
     assert (tmp_path / "runs" / "dense" / "result.json").stat().st_mtime_ns == first_result, "finished runs are skipped"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench import (QUICK, BenchPlan, answer, default_candidates, describe, fit_time, print_table, run_bench,
+from ..bench import (QUICK, BenchPlan, default_candidates, describe, fit_time, print_table, run_bench,
                      write_outputs)
 from ..errors import LeancnnError
 from ..report.budget import BATCHES, Budget
@@ -87,14 +87,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(note)
     rows = run_bench(plan, out, progress=not args.no_progress, attacks=args.attack)
     title = f"leancnn bench: {plan.model} on {plan.data}"
-    files = write_outputs(rows, out, title, notes, budget)
-    recommendation = answer(rows, budget)
+    written = write_outputs(rows, out, title, notes, budget)
+    recommendation = written.recommendation
     if args.json:
         print_json({"rows": rows, "recommendation": recommendation.as_dict() if recommendation else None})
         return 0
     print_table(rows, title)
-    print(f"report: {files['report']}\ntable: {files['markdown']} and {files['csv']}\n"
-          f"plots: {', '.join(str(p) for k, p in files.items() if k.startswith('plot_'))}")
+    print(f"report: {written.report}\ntable: {written.markdown} and {written.csv}\n"
+          f"plots: {', '.join(str(p) for p in written.plots.values())}")
     if recommendation:
         print("\n" + "\n".join(recommendation.lines()))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..bench import answer, measure_candidates, print_table, write_outputs
+from ..bench import measure_candidates, print_table, write_outputs
 from ..report.budget import Budget
 from ..runs import read_json
 from .base import Command, register_command
@@ -40,10 +40,9 @@ def run_report_command(args: argparse.Namespace) -> int:
     measure_candidates(rows, args.threads or None, args.batch)   # all the same way, as the bench does
     out = Path(args.out)
     title = "leancnn report"
-    files = write_outputs(rows, out, title, [f"{len(rows)} runs: " + ", ".join(args.runs)], budget)
+    written = write_outputs(rows, out, title, [f"{len(rows)} runs: " + ", ".join(args.runs)], budget)
     print_table(rows, title)
-    print(f"report: {files['report']}")
-    recommendation = answer(rows, budget)
-    if recommendation:
-        print("\n".join(recommendation.lines()))
+    print(f"report: {written.report}")
+    if written.recommendation:
+        print("\n".join(written.recommendation.lines()))
     return 0
