@@ -42,7 +42,7 @@ def train_base(args: argparse.Namespace, model: str) -> Path:
     started = time.time()
     log(f"{model} w{args.width} dense, {args.epochs} epochs ...")
     result = ensure_run(config, progress=False)
-    log(f"    acc {result['test_acc']:.4f} ({time.time() - started:.0f} s)")
+    log(f"    acc {result.test_acc:.4f} ({time.time() - started:.0f} s)")
     return out
 
 

@@ -42,7 +42,7 @@ def train(args, name: str, spec: str) -> Path:
                          methods=[spec], out=str(out), lr=args.lr, batch_size=128).validate()
     log(f"{name}: {spec} ...")
     result = ensure_run(config, progress=False)
-    log(f"    clean {result['test_acc']:.4f}, {result['train_seconds']:.0f} s of training")
+    log(f"    clean {result.test_acc:.4f}, {result.train_seconds:.0f} s of training")
     return out
 
 

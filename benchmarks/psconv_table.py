@@ -46,9 +46,9 @@ def train_all(args: argparse.Namespace, width: float) -> list[dict]:
         started = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {model} w{model_width} {variant} ...", flush=True)
         result = ensure_run(config, progress=False)
-        print(f"    acc {result['test_acc']:.4f}, MACs {result['macs_effective'] / 1e6:.1f}M "
+        print(f"    acc {result.test_acc:.4f}, MACs {result.macs_effective / 1e6:.1f}M "
               f"({time.time() - started:.0f} s)", flush=True)
-        rows.append({"model": model, "width": model_width, "variant": variant, "run_dir": str(out), **result})
+        rows.append({"model": model, "width": model_width, "variant": variant, "run_dir": str(out), **result.as_dict()})
     return rows
 
 

@@ -132,7 +132,7 @@ def csr_part(args: argparse.Namespace) -> tuple[str, list[dict]]:
         log(f"{model} w{width} {spec} ...")
         started = time.time()
         result = ensure_run(config, progress=False)
-        log(f"    acc {result['test_acc']:.4f} ({time.time() - started:.0f} s)")
+        log(f"    acc {result.test_acc:.4f} ({time.time() - started:.0f} s)")
         runs.append((model, spec, out, result))
     runs.sort(key=lambda run: CSR_ROWS.index(run[:2]))
     pin_threads(args.latency_threads)
@@ -140,8 +140,8 @@ def csr_part(args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows = []
     for model, spec, out, result in runs:
         real, formula = csr_param_check(out)
-        rows.append({"model": model, "variant": spec, "run_dir": str(out), "test_acc": result["test_acc"],
-                     "params": result["params_nonzero"], "macs": result["macs_effective"],
+        rows.append({"model": model, "variant": spec, "run_dir": str(out), "test_acc": result.test_acc,
+                     "params": result.params_nonzero, "macs": result.macs_effective,
                      "csr_params": real, "csr_formula": formula, **latency_row(out, args)})
     lines = ["| model | variant | test acc | params non-zero | CSR layer params / formula | MACs effective | "
              "latency b1 (ms) | latency b64 (ms) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -37,7 +37,7 @@ from .report.html import CandidateDetail, write_report
 from .report.pareto import pareto_front
 from .report.table import console, fmt_bytes, fmt_count, fmt_pct
 from .report.plots import plot_front
-from .runs import load_run, read_json, save_result
+from .runs import load_run, read_result, save_result
 
 # --quick (what `make demo` runs): about 4 minutes on 2 idle cores, real training on real data. Fewer
 # candidates (each method's first strength, methods with in_quick_bench) at enough epochs that the
@@ -133,7 +133,7 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
                          test_subset=plan.test_subset, seed=plan.seed, threads=plan.threads, latency=False,
                          out=str(run_dir)).validate()
     result = ensure_run(config, progress=progress)
-    return {"label": candidate.label, "run_dir": str(run_dir), **result}
+    return {"label": candidate.label, "run_dir": str(run_dir), **result.as_dict()}
 
 
 LATENCY_ROUNDS = 5   # rounds of timing that take turns between the candidates
@@ -166,9 +166,10 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
             row[f"latency_b{batch}_ms"] = round(statistics.median(samples[index][batch]), 4)
         row["deploy_plan"] = deploy_plan(model)
         row["layer_times"] = layer_times(model, shape, batch_size=profile_batch, threads=threads)
-        stored = read_json(Path(row["run_dir"]) / "result.json")
-        if stored.get("deploy_plan") != row["deploy_plan"]:  # a finished run is rewritten only when it changed
-            save_result(Path(row["run_dir"]), {**stored, "deploy_plan": row["deploy_plan"]})
+        stored = read_result(Path(row["run_dir"]))
+        if stored.extra.get("deploy_plan") != row["deploy_plan"]:  # a finished run is rewritten only when it changed
+            stored.extra["deploy_plan"] = row["deploy_plan"]
+            save_result(Path(row["run_dir"]), stored)
 
 
 COLUMNS = ["candidate", "test acc", "robust acc", "params nz", "MACs eff", "storage",

@@ -17,7 +17,7 @@ from .experiment import measure_into, prepare_data
 from .io import load_tensors, write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
-from .runs import build_architecture, empty_result, read_json, save_result, versions, write_log, write_model
+from .runs import RunResult, build_architecture, read_json, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 
 SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the test set stays unseen
@@ -61,7 +61,7 @@ def split_selection(dataset: ImageDataset, seed: int) -> tuple[ImageDataset, tor
 
 
 def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | None, lr: float | None = None,
-                 progress: bool = True, latency: bool = True) -> dict[str, Any] | None:
+                 progress: bool = True, latency: bool = True) -> RunResult | None:
     """The new run's result, or None when the methods only reported."""
     if not specs:
         raise LeancnnError("give at least one --method")
@@ -95,12 +95,11 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
     new_architecture = {**architecture, "methods": architecture.get("methods", []) + resolved,
                         "compressed_from": str(run_dir)}
-    result = empty_result()
-    parent = read_json(run_dir / "result.json")
-    result.update(dataset=parent["dataset"], model=parent["model"], methods=new_architecture["methods"],
-                  epochs=parent["epochs"], seed=parent["seed"], test_acc=test.top1, test_top5=test.top5,
-                  train_seconds=parent.get("train_seconds"), versions={**versions(), "machine": machine()})
-    result["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
+    parent = read_result(run_dir)
+    result = RunResult(dataset=parent.dataset, model=parent.model, methods=new_architecture["methods"],
+                       epochs=parent.epochs, seed=parent.seed, test_acc=test.top1, test_top5=test.top5,
+                       train_seconds=parent.train_seconds, versions={**versions(), "machine": machine()})
+    result.extra["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
                           "test_acc_before_finetune": compressed, **context.notes}
     measure_into(result, model.cpu(), dataset.input_shape, latency=latency)
     write_model(out, model.cpu(), new_architecture)

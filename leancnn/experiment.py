@@ -2,7 +2,6 @@
 -> finalize -> measure -> run directory + runs database."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,14 @@ from .measure import count, latency_table
 from .measure.latency import machine
 from .methods import Method, apply_methods, parse_method
 from .models import MODELS, create_model
-from .runs import empty_result, save_result, versions, write_log, write_model
+from .runs import RunResult, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 
 
 @dataclass
 class RunOutcome:
     run_dir: Path
-    result: dict[str, Any]
+    result: RunResult
     model: nn.Module
 
 
@@ -53,16 +52,17 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[nn.Module, 
     return model, methods, architecture
 
 
-def measure_into(result: dict[str, Any], model: nn.Module, input_shape: tuple[int, ...],
+def measure_into(result: RunResult, model: nn.Module, input_shape: tuple[int, ...],
                  latency: bool = True) -> None:
     """Counts always (cheap); CPU latency only when asked (seconds), of the deployed model
     (what inference runs: batch norm folded, sparse layers on their measured plans, which
     result.json records as `deploy_plan`)."""
-    result.update(count(model, input_shape).totals())
+    for key, value in count(model, input_shape).totals().items():
+        setattr(result, key, value)
     if latency and next(model.parameters()).device.type == "cpu":
         deployed = deploy(model)
-        result["latency_ms"] = latency_table(deployed, input_shape)
-        result["deploy_plan"] = deploy_plan(deployed)
+        result.latency_ms = latency_table(deployed, input_shape)
+        result.extra["deploy_plan"] = deploy_plan(deployed)
 
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -92,10 +92,9 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     architecture["methods"] = [m.spec() for m in methods]
     model = model.to(memory_format=torch.contiguous_format)
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
-    result = empty_result()
-    result.update(dataset=config.data, model=config.model, methods=architecture["methods"], epochs=config.epochs,
-                  seed=config.seed, test_acc=test.top1, test_top5=test.top5, train_seconds=round(state.seconds, 3),
-                  versions={**versions(), "machine": machine()})
+    result = RunResult(dataset=config.data, model=config.model, methods=architecture["methods"], epochs=config.epochs,
+                       seed=config.seed, test_acc=test.top1, test_top5=test.top5,
+                       train_seconds=round(state.seconds, 3), versions={**versions(), "machine": machine()})
     model_cpu = model.cpu()
     measure_into(result, model_cpu, dataset.input_shape, latency=config.latency)
     write_model(run_dir, model_cpu, architecture)
@@ -106,12 +105,12 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
 
 
 def ensure_run(config: TrainConfig, *, progress: bool = True,
-               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """The result of the run in config.run_dir(): read when finished, resumed
     when a checkpoint is there, trained otherwise. Lets long benchmarks be
     killed and started again without losing work."""
     run_dir = config.run_dir()
     if (run_dir / "result.json").is_file():
-        return json.loads((run_dir / "result.json").read_text())
+        return read_result(run_dir)
     resume = (run_dir / "checkpoint").is_dir()
     return train_run(config, resume=resume, progress=progress, on_epoch=on_epoch).result

@@ -6,10 +6,12 @@ the run directory's parent, the output root.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +25,50 @@ from .methods import apply_methods
 from .models import create_model
 from .version import __version__
 
-RESULT_KEYS = ("dataset", "model", "methods", "epochs", "seed", "test_acc", "test_top5", "params_total",
-               "params_nonzero", "macs_dense", "macs_effective", "storage_bytes", "latency_ms", "robust",
-               "train_seconds", "versions")
 DB_NAME = "runs.db"
+
+
+@dataclass
+class RunResult:
+    """A run's figures: what result.json holds. The contract's keys are the fields, None where not
+    measured (accuracies are fractions, MACs per image, latency_ms maps 'batch{B}_threads{T}' to the
+    median ms); what a job adds beyond the contract (deploy_plan, compress, robust_settings) is kept,
+    and written, in `extra`."""
+
+    dataset: str | None = None
+    model: str | None = None
+    methods: list[str] | None = None
+    epochs: int | None = None
+    seed: int | None = None
+    test_acc: float | None = None
+    test_top5: float | None = None
+    params_total: int | None = None
+    params_nonzero: int | None = None
+    macs_dense: int | None = None
+    macs_effective: int | None = None
+    storage_bytes: int | None = None
+    latency_ms: dict[str, float] | None = None
+    robust: dict[str, float] | None = None
+    train_seconds: float | None = None
+    versions: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """result.json's object: the contract's keys, then the extras."""
+        return {**{key: getattr(self, key) for key in RESULT_KEYS}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        return cls(**{key: data.get(key) for key in RESULT_KEYS},
+                   extra={key: value for key, value in data.items() if key not in RESULT_KEYS})
+
+
+RESULT_KEYS = tuple(item.name for item in dataclasses.fields(RunResult) if item.name != "extra")
 
 
 def versions() -> dict[str, str]:
     return {"leancnn": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
-
-
-def empty_result() -> dict[str, Any]:
-    return {key: None for key in RESULT_KEYS}
 
 
 def write_model(run_dir: Path, model: nn.Module, architecture: dict[str, Any]) -> None:
@@ -81,11 +114,14 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), architecture
 
 
-def save_result(run_dir: Path, result: dict[str, Any]) -> None:
-    missing = [k for k in RESULT_KEYS if k not in result]
-    if missing:
-        raise ValueError(f"result is missing keys {missing}")
-    write_json(run_dir / "result.json", result)
+def read_result(run_dir: Path) -> RunResult:
+    """A run directory's result.json; one clear line if it is missing or not JSON."""
+    return RunResult.from_dict(read_json(Path(run_dir) / "result.json"))
+
+
+def save_result(run_dir: Path, result: RunResult) -> None:
+    """result.json (atomically) and the run's row in the runs database."""
+    write_json(run_dir / "result.json", result.as_dict())
     record_run(run_dir, result)
 
 
@@ -108,14 +144,14 @@ def _connect(root: Path) -> sqlite3.Connection:
     return connection
 
 
-def record_run(run_dir: Path, result: dict[str, Any]) -> None:
+def record_run(run_dir: Path, result: RunResult) -> None:
     run_dir = run_dir.resolve()
     with _connect(run_dir.parent) as connection:
         connection.execute(
             "INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (str(run_dir), time.time(), result["dataset"], result["model"], json.dumps(result["methods"]),
-             result["epochs"], result["seed"], result["test_acc"], result["params_nonzero"],
-             result["macs_effective"], json.dumps(result)))
+            (str(run_dir), time.time(), result.dataset, result.model, json.dumps(result.methods),
+             result.epochs, result.seed, result.test_acc, result.params_nonzero,
+             result.macs_effective, json.dumps(result.as_dict())))
 
 
 def list_runs(root: Path, *, dataset: str | None = None, model: str | None = None) -> list[dict[str, Any]]:

@@ -83,14 +83,14 @@ def test_compress_with_cap_meets_the_mac_target(synthetic_vgg, tmp_path, ranks):
     out = tmp_path / ranks
     result = compress_run(synthetic_vgg.run_dir, [f"cap:macs=0.5,ranks={ranks},steps=5"], epochs=1, out=out,
                           progress=False, latency=False)
-    assert result["macs_dense"] <= 0.5 * synthetic_vgg.result["macs_dense"]
+    assert result.macs_dense <= 0.5 * synthetic_vgg.result.macs_dense
     model, architecture = load_run(out)
-    ranks_chosen = result["compress"]["cap_ranks"]
+    ranks_chosen = result.extra["compress"]["cap_ranks"]
     for producer, rank in ranks_chosen.items():
         assert model.get_submodule(producer)[0].out_channels == rank
     # This tiny 2-epoch model loses most of its accuracy when every layer is halved at once
     # (so does L1 pruning); one fine-tuning epoch must bring it well above chance (0.25).
-    assert result["test_acc"] > 0.6
+    assert result.test_acc > 0.6
 
 
 @pytest.mark.parametrize("spec, message", [("cap:macs=0", "macs must be in \\(0, 1\\]"),

@@ -114,9 +114,9 @@ def test_compress_vip_named_layers_round_trip(synthetic_vgg, tmp_path, capsys):
     assert code == 0
     import json
 
-    result = json.loads(capsys.readouterr().out)
-    assert result["macs_dense"] < synthetic_vgg.result["macs_dense"]
-    assert result["compress"]["test_acc_original"] == pytest.approx(synthetic_vgg.result["test_acc"])
+    result = json.loads(capsys.readouterr().out)   # the printed result.json
+    assert result["macs_dense"] < synthetic_vgg.result.macs_dense
+    assert result["compress"]["test_acc_original"] == pytest.approx(synthetic_vgg.result.test_acc)
     model, architecture = load_run(out)
     assert architecture["methods"][-1].startswith("vip:layers=features.0+features.2")
     assert sum(isinstance(m, VirtualPool) for m in model.modules()) == 2
@@ -141,7 +141,7 @@ def test_compress_vip_auto_respects_max_drop(synthetic_vgg, tmp_path):
 
     result = compress_run(synthetic_vgg.run_dir, ["vip:layers=auto,max_drop=0.05,per_round=1,rounds=2"], epochs=0,
                           out=tmp_path / "auto", progress=False, latency=False)
-    notes = result["compress"]
+    notes = result.extra["compress"]
     chosen, rounds, base = notes["vip_layers"], notes["vip_rounds"], notes["vip_base_accuracy"]
     ranked = list(notes["vip_sensitivity"])
     # Each round adds the next least sensitive block; a round is kept exactly when its drop is
@@ -150,7 +150,7 @@ def test_compress_vip_auto_respects_max_drop(synthetic_vgg, tmp_path):
     assert [r["kept"] for r in rounds] == [base - r["accuracy"] <= 0.05 for r in rounds]
     assert all(r["kept"] for r in rounds[:-1]) and (len(rounds) == 2 or not rounds[-1]["kept"])
     assert chosen == [name for r in rounds if r["kept"] for name in r["added"]] == ranked[:len(chosen)]
-    assert result["methods"][-1].startswith("vip:layers=" + "+".join(chosen))
+    assert result.methods[-1].startswith("vip:layers=" + "+".join(chosen))
 
 
 def test_vip_misfits(synthetic_vgg):
@@ -171,7 +171,7 @@ def test_l1prune_halves_macs_and_reloads(synthetic_vgg, tmp_path):
 
     result = compress_run(synthetic_vgg.run_dir, ["l1prune:macs=0.5"], epochs=1, out=tmp_path / "l1",
                           progress=False, latency=False)
-    ratio = result["macs_dense"] / synthetic_vgg.result["macs_dense"]
+    ratio = result.macs_dense / synthetic_vgg.result.macs_dense
     assert 0.35 < ratio <= 0.5
     model, _ = load_run(tmp_path / "l1")
     assert model.features[0][0].out_channels < 16

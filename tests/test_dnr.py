@@ -76,8 +76,8 @@ def test_beta_one_trains_like_plain_dynamic_sparse_training(tmp_path):
 def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
     outcome = train_run(tiny_config(tmp_path, epochs=1, methods=["dnr:density=0.2,steps=2"]), progress=False)
     dataset = prepare_data(tiny_config(tmp_path))
-    assert outcome.result["test_acc"] == evaluate(outcome.model, dataset.test_images, dataset.test_labels).top1
-    assert outcome.result["params_nonzero"] < 0.5 * outcome.result["params_total"]
+    assert outcome.result.test_acc == evaluate(outcome.model, dataset.test_images, dataset.test_labels).top1
+    assert outcome.result.params_nonzero < 0.5 * outcome.result.params_total
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -103,7 +103,7 @@ def test_channel_mode_removes_empty_channels_and_reloads(tmp_path):
     config = tiny_config(tmp_path, model="vgg11", width=0.25, epochs=3,
                          methods=["dnr:density=0.5,attack=none,mode=channel"])
     outcome = train_run(config, progress=False)
-    spec = outcome.result["methods"][0]
+    spec = outcome.result.methods[0]
     assert "widths=" in spec and "mode=channel" in spec
     model = outcome.model
     dense = create_model("vgg11", in_channels=1, width=0.25, num_classes=4)
@@ -158,7 +158,7 @@ def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_p
         assert (module.weight[~mask] == 0).all()  # pruned weights stay exactly zero after fine-tuning
         before = original.get_submodule(name).weight.abs().flatten()
         assert before[mask.flatten()].min() >= before[~mask.flatten()].max()  # the largest were kept
-    assert result["compress"]["test_acc_before_finetune"] is not None
+    assert result.extra["compress"]["test_acc_before_finetune"] is not None
 
 
 def test_aligned_channel_counts():

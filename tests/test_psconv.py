@@ -112,7 +112,7 @@ def test_saved_run_reloads_with_identical_outputs(tmp_path):
         if isinstance(original, PSConv2d):
             assert torch.equal(original.mask, loaded.mask)
             assert torch.count_nonzero(loaded.weight[~loaded.mask]) == 0
-    assert outcome.result["macs_effective"] < outcome.result["macs_dense"]
+    assert outcome.result.macs_effective < outcome.result.macs_dense
 
 
 @pytest.mark.parametrize("spec, model_name, message", [

@@ -116,8 +116,8 @@ def test_eval_and_profile_cli_on_a_trained_run(trained_fmnist, capsys):
     stored = json.loads((trained_fmnist.run_dir / "result.json").read_text())
     assert stored["robust"] == printed["robust"]
     assert main(["profile", run, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["macs_dense"] == trained_fmnist.result["macs_dense"] or \
-        trained_fmnist.result["macs_dense"] is None
+    assert json.loads(capsys.readouterr().out)["macs_dense"] == trained_fmnist.result.macs_dense or \
+        trained_fmnist.result.macs_dense is None
     assert main(["eval", run, "--attack", "pgd:eps=-1"]) == 2
     assert "eps must be >= 0" in capsys.readouterr().err
 

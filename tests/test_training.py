@@ -11,7 +11,7 @@ from leancnn.experiment import prepare_data, train_run
 from leancnn.io import load_tensors
 from leancnn.methods import Method, register_method
 from leancnn.methods.base import METHODS
-from leancnn.runs import RESULT_KEYS, list_runs, load_run
+from leancnn.runs import RESULT_KEYS, RunResult, list_runs, load_run, read_result, save_result
 from leancnn.train import evaluate
 from leancnn.train.schedules import learning_rate
 
@@ -86,7 +86,7 @@ def test_run_directory_contract(tmp_path):
 def test_synthetic_learns_far_above_chance(tmp_path):
     outcome = train_run(tiny_config(tmp_path, epochs=2, train_subset=2000, lr=0.1), progress=False)
     # Measured 0.997 and 1.0 with seeds 0 and 1; chance is 0.25.
-    assert outcome.result["test_acc"] > 0.95
+    assert outcome.result.test_acc > 0.95
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step"])
@@ -102,4 +102,17 @@ def test_fashion_mnist_subset_trains_well_above_chance(tmp_path, fashion_mnist):
                          test_subset=1000, batch_size=128, lr=0.1)
     outcome = train_run(config, progress=False)
     # Measured 0.753, 0.752, 0.715 with seeds 0, 1, 2 (this exact config); chance is 0.10.
-    assert outcome.result["test_acc"] > 0.65
+    assert outcome.result.test_acc > 0.65
+
+
+def test_run_result_round_trips_with_its_extras(tmp_path):
+    result = RunResult(dataset="synthetic", model="resnet20", methods=["PS4_P4"], epochs=1, seed=0, test_acc=0.5,
+                       extra={"deploy_plan": [{"layer": "a", "choice": "kernel"}], "compress": {"from": "x"}})
+    written = result.as_dict()
+    assert list(written)[:len(RESULT_KEYS)] == list(RESULT_KEYS) and written["test_top5"] is None
+    assert written["deploy_plan"] == [{"layer": "a", "choice": "kernel"}] and written["compress"] == {"from": "x"}
+    (tmp_path / "run").mkdir()
+    save_result(tmp_path / "run", result)
+    again = read_result(tmp_path / "run")
+    assert again == result and again.extra["compress"] == {"from": "x"}
+    assert [r["test_acc"] for r in list_runs(tmp_path)] == [0.5]

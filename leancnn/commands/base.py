@@ -74,6 +74,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for key, value in vars(args).items():
         if key not in hints:
             continue
-        typed = value if isinstance(value, bool) or key == "methods" else parse_value(value, hints[key], f"--{key.replace('_', '-')}")
-        overrides[key] = typed
+        flag = "--" + key.replace("_", "-")
+        overrides[key] = value if isinstance(value, bool) or key == "methods" else parse_value(value, hints[key], flag)
     return load_config(getattr(args, "config", None), overrides)

@@ -34,11 +34,11 @@ class Compress(Command):
         if result is None:
             return 0
         if args.json:
-            print_json({"run_dir": str(out), **result})
+            print_json({"run_dir": str(out), **result.as_dict()})
             return 0
-        notes = result["compress"]
+        notes = result.extra["compress"]
         print(f"test accuracy: {100 * notes['test_acc_original']:.2f}% original, "
-              f"{100 * notes['test_acc_before_finetune']:.2f}% compressed, {100 * result['test_acc']:.2f}% "
+              f"{100 * notes['test_acc_before_finetune']:.2f}% compressed, {100 * result.test_acc:.2f}% "
               f"after {args.epochs} fine-tuning epoch(s)")
         print_result(out, result)
         return 0

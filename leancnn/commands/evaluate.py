@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..evaluate import evaluate_run
-from ..runs import read_json
+from ..runs import read_result
 from .base import Command, print_json, register_command
 
 
@@ -35,7 +35,7 @@ def run_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     clean, robust = evaluate_run(run_dir, args.attack, test_subset=args.test_subset, data_dir=args.data_dir,
                                  batch_size=args.batch_size, progress=not args.no_progress)
-    settings = read_json(run_dir / "result.json").get("robust_settings", {})
+    settings = read_result(run_dir).extra.get("robust_settings", {})
     if args.json:
         print_json({"run_dir": str(run_dir), "test_images": clean.count, "test_acc": clean.top1,
                     "test_top5": clean.top5, "robust": robust, "robust_settings": settings})

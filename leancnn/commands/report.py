@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..bench import measure_candidates, print_table, write_outputs
 from ..report.budget import Budget
-from ..runs import read_json
+from ..runs import read_result
 from .base import Command, register_command
 
 
@@ -34,8 +34,8 @@ def run_report_command(args: argparse.Namespace) -> int:
     rows = []
     for run in args.runs:
         run_dir = Path(run)
-        result = read_json(run_dir / "result.json")
-        rows.append({"label": ", ".join(result["methods"]) or "dense", "run_dir": str(run_dir), **result})
+        result = read_result(run_dir)
+        rows.append({"label": ", ".join(result.methods or []) or "dense", "run_dir": str(run_dir), **result.as_dict()})
     print(f"timing the {len(rows)} deployed models in turns, batch 1 and 64 ...", flush=True)
     measure_candidates(rows, args.threads or None, args.batch)   # all the same way, as the bench does
     out = Path(args.out)

@@ -35,7 +35,7 @@ class Train(Command):
 
         outcome = train_run(config, resume=args.resume, progress=not args.no_progress, on_epoch=report_epoch)
         if args.json:
-            print_json({"run_dir": str(outcome.run_dir), **outcome.result})
+            print_json({"run_dir": str(outcome.run_dir), **outcome.result.as_dict()})
         else:
             print_result(outcome.run_dir, outcome.result)
         return 0

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ..runs import RunResult
+
 
 def console() -> Console:
     """A console that gives pipes and logs whole tables, not an 80-column squeeze."""
@@ -38,17 +40,17 @@ def fmt_pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def print_result(run_dir: Path, result: dict[str, Any]) -> None:
+def print_result(run_dir: Path, result: RunResult) -> None:
     table = Table(title=f"run {run_dir}", show_header=False)
-    rows = [("dataset", result["dataset"]), ("model", result["model"]),
-            ("methods", ", ".join(result["methods"]) or "-"), ("epochs", result["epochs"]),
-            ("test accuracy", fmt_pct(result["test_acc"])), ("test top-5", fmt_pct(result["test_top5"])),
-            ("params (non-zero / total)", f"{fmt_count(result['params_nonzero'])} / {fmt_count(result['params_total'])}"),
-            ("MACs per image (effective / dense)", f"{fmt_count(result['macs_effective'])} / {fmt_count(result['macs_dense'])}"),
-            ("storage", fmt_bytes(result["storage_bytes"])), ("train seconds", result["train_seconds"])]
-    for key, value in (result.get("latency_ms") or {}).items():
+    rows = [("dataset", result.dataset), ("model", result.model),
+            ("methods", ", ".join(result.methods or []) or "-"), ("epochs", result.epochs),
+            ("test accuracy", fmt_pct(result.test_acc)), ("test top-5", fmt_pct(result.test_top5)),
+            ("params (non-zero / total)", f"{fmt_count(result.params_nonzero)} / {fmt_count(result.params_total)}"),
+            ("MACs per image (effective / dense)", f"{fmt_count(result.macs_effective)} / {fmt_count(result.macs_dense)}"),
+            ("storage", fmt_bytes(result.storage_bytes)), ("train seconds", result.train_seconds)]
+    for key, value in (result.latency_ms or {}).items():
         rows.append((f"latency {key} (ms, median)", f"{value:.3f}"))
-    for key, value in (result.get("robust") or {}).items():
+    for key, value in (result.robust or {}).items():
         rows.append((f"accuracy under {key}", fmt_pct(value)))
     for key, value in rows:
         table.add_row(key, str(value))

@@ -10,7 +10,6 @@ quantile. Accuracy is the run's test accuracy.
 """
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from ..measure import measure_latency
 from ..measure.latency import machine
 from ..errors import LeancnnError
 from ..io import slug, write_json
-from ..runs import DB_NAME, list_runs, load_run, read_json
+from ..runs import DB_NAME, list_runs, load_run, read_json, read_result
 from .front import FrontModel, pareto_front, thin
 
 MANIFEST = "manifest.json"
@@ -81,19 +80,19 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
     measured: list[ZooModel] = []
     shapes, datasets = set(), set()
     for run_dir in run_dirs:
-        result = read_json(run_dir / "result.json")
+        result = read_result(run_dir)
         model, architecture = load_run(run_dir)
         shape = tuple(architecture["input_shape"])
         shapes.add(shape)
-        datasets.add(result["dataset"])
+        datasets.add(result.dataset)
         median, p90 = measure_batch1(deploy(model), shape, runs, threads)
         name = slug(run_dir.name, "model")
         if any(m.name == name for m in measured):  # two runs with one directory name
             name = f"{name}-{len(measured)}"
-        measured.append(ZooModel(name, f"models/{name}", result["test_acc"], median, p90,
-                                 median if quantile == "median" else p90, result.get("macs_effective", 0),
+        measured.append(ZooModel(name, f"models/{name}", result.test_acc, median, p90,
+                                 median if quantile == "median" else p90, result.macs_effective or 0,
                                  str(run_dir)))
-        log(f"  {name}: accuracy {100 * result['test_acc']:.2f}%, batch-1 latency median {median:.3f} ms, "
+        log(f"  {name}: accuracy {100 * result.test_acc:.2f}%, batch-1 latency median {median:.3f} ms, "
             f"p90 {p90:.3f} ms")
     if len(shapes) > 1 or len(datasets) > 1:
         raise LeancnnError(f"runs disagree on input shape or dataset ({sorted(shapes)}, {sorted(datasets)}): "
