@@ -1,12 +1,12 @@
-// Inference kernel for pre-defined (periodic) sparse 3x3 convolution (pSConv),
-// fp32, channels_last input and output, padding 1, stride 1 or 2, optional fused
-// bias, residual and ReLU.
+// Inference kernel for sparse 3x3 convolution (and 1x1, as its centre tap): pre-defined supports
+// (pSConv) and irregular masks (pruning) alike; fp32, channels_last input and output, padding 1,
+// stride 1 or 2, optional fused bias, residual and ReLU.
 //
 // Plan: vectorise over output pixels, not filters. The filters of a layer are
 // grouped by support (the taps each input channel uses; periodic pSConv gives P
 // groups); a group lists the (tap, channel) pairs its filters use, and is cut into
 // chunks of at most 6 filters with their weights per pair
-// (leancnn/kernels/psconv.py: pack()). The input is rearranged once per call
+// (leancnn/kernels/sparse.py: pack()). The input is rearranged once per call
 // (per image batch, in cache) into "planes" of pixel vectors: 16 consecutive
 // output pixels' values of one input channel for one tap, so that a pair is one
 // offset and its 16 inputs one aligned load:
