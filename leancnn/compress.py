@@ -14,10 +14,10 @@ from .config import TrainConfig, load_config, to_toml
 from .data import ImageDataset
 from .errors import LeancnnError
 from .experiment import measure_into, prepare_data
-from .io import load_tensors, write_text
+from .io import write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
-from .runs import RunResult, build_architecture, read_json, read_result, save_result, versions, write_log, write_model
+from .runs import RunResult, load_run_with_methods, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 
 SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the test set stays unseen
@@ -68,11 +68,8 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     new_methods = [parse_method(spec) for spec in specs]  # bad specs fail before anything is loaded
     if out is not None and (out / "result.json").exists():
         raise LeancnnError(f"{out}: a finished run is already there; choose another --out")
-    architecture = read_json(run_dir / "model.json")
+    model, architecture, existing = load_run_with_methods(run_dir)
     config = load_config(run_dir / "config.toml")
-    model, existing = build_architecture(architecture)
-    model.load_state_dict(load_tensors(run_dir / "model.safetensors"))
-    model.eval()
     dataset = prepare_data(config)
     train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
     context = CompressSession(train_split, config, selection_images, selection_labels, existing, progress)

@@ -1,5 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same folder, then rename,
-so a killed process never leaves a half-written file behind."""
+"""Files: atomic writes (write to a temporary name in the same folder, then rename, so a killed
+process never leaves a half-written file behind), and reads that fail with one line naming the file."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,11 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LeancnnError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -44,17 +49,34 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+def read_json_file(path: str | Path) -> Any:
+    """A JSON file's content; one clear line (LeancnnError) naming the file if it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeancnnError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LeancnnError(f"{path}: not valid JSON ({exc})") from None
 
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
 def load_tensors(path: str | Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    """A safetensors file's tensors (never unpickles); one clear line naming the file if it is
+    missing, truncated or not a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LeancnnError(f"{path}: not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LeancnnError(f"{path}: not a readable safetensors file ({reason}); it may be truncated: "
+                           "write it again (train or compress the run again)") from None
 
 
 def slug(text: str, empty: str = "run") -> str:

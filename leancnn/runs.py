@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LeancnnError
-from .io import load_tensors, save_tensors, write_json, write_text
+from .io import load_tensors, read_json_file, save_tensors, write_json, write_text
 from .methods import apply_methods
 from .models import create_model
 from .version import __version__
@@ -83,12 +83,13 @@ def write_log(run_dir: Path, log: list[dict[str, Any]]) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A run directory's JSON file (model.json, result.json), as an object."""
     if not path.is_file():
         raise LeancnnError(f"{path}: not found; is {path.parent} a leancnn run directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LeancnnError(f"{path}: not valid JSON ({exc})") from None
+    content = read_json_file(path)
+    if not isinstance(content, dict):
+        raise LeancnnError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
 
 
 def build_architecture(architecture: dict[str, Any]) -> tuple[nn.Module, list]:
@@ -99,19 +100,28 @@ def build_architecture(architecture: dict[str, Any]) -> tuple[nn.Module, list]:
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, model.json contents); weights never unpickled."""
+    model, architecture, _ = load_run_with_methods(run_dir)
+    return model, architecture
+
+
+def load_run_with_methods(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any], list]:
+    """The run's model in eval mode with its weights, model.json's contents, and the methods
+    that rebuilt it; every file problem one line naming the file."""
     run_dir = Path(run_dir)
-    architecture = read_json(run_dir / "model.json")
-    model, _ = build_architecture(architecture)
+    path = run_dir / "model.json"
+    architecture = read_json(path)
+    try:
+        model, methods = build_architecture(architecture)
+    except (KeyError, TypeError) as exc:
+        raise LeancnnError(f"{path}: not a leancnn model description ({type(exc).__name__}: {exc})") from None
     weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise LeancnnError(f"{weights}: not found")
     state = load_tensors(weights)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise LeancnnError(f"{weights}: does not fit the architecture in model.json ({first})") from None
-    return model.eval(), architecture
+    return model.eval(), architecture, methods
 
 
 def read_result(run_dir: Path) -> RunResult:

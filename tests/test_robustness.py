@@ -164,3 +164,11 @@ def test_onnxruntime_latency_backend():
     assert torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), expected, atol=1e-5)
     stat = measure_onnx_latency(model, (1, 16, 16), batch_size=2, runs=20)
     assert stat.backend == "onnxruntime" and stat.runs == 20 and stat.batch_size == 2 and stat.median_ms > 0
+
+
+def test_one_quantile_definition_interpolates_between_order_statistics():
+    from leancnn.measure.latency import quantile
+
+    values = [10.0, 1.0, 4.0, 2.0, 3.0]   # sorted: 1 2 3 4 10
+    assert [quantile(values, q) for q in (0.0, 0.5, 0.9, 1.0)] == [1.0, 3.0, pytest.approx(7.6), 10.0]
+    assert quantile([5.0], 0.99) == 5.0

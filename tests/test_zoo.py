@@ -228,7 +228,8 @@ def test_selector_stays_exact_when_measured_times_stop_rising():
 
 
 def test_runtime_plans_with_the_times_it_measures(tiny_zoo):
-    from leancnn.zoo.runtime import Runtime, quantile
+    from leancnn.measure.latency import quantile
+    from leancnn.zoo.runtime import Runtime
 
     zoo, manifest = tiny_zoo
     runtime = Runtime(zoo, threads=1, min_samples=3, window=5)

@@ -66,6 +66,8 @@ def parse_quantile(text: str, flag: str) -> float:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """The q-quantile, interpolated linearly between order statistics (numpy's default): the one
+    definition the latency figures, the zoo's manifest and the serving runtime all use."""
     ordered = sorted(values)
     position = q * (len(ordered) - 1)
     low = int(position)

@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..zoo.runtime import Prediction, quantile_of_sorted
+from ..measure.latency import quantile
+from ..zoo.runtime import Prediction
 from .decode import RequestError, parse_request
 from .worker import InferenceWorker, WorkerGone
 
@@ -63,16 +64,14 @@ class Metrics:
             self.deadline_missed += 1
 
     def as_dict(self) -> dict:
-        ordered = sorted(self.latencies)
-
         def q(fraction: float) -> float | None:
-            return round(quantile_of_sorted(ordered, fraction), 4) if ordered else None
+            return round(quantile(list(self.latencies), fraction), 4) if self.latencies else None
 
         return {"requests": self.requests, "answered": self.answered,
                 "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
                 "deadline_met": self.deadline_met, "deadline_missed": self.deadline_missed, "refused": self.refused,
                 "per_model": dict(self.per_model),
-                "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "window": len(ordered)},
+                "latency_ms": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "window": len(self.latencies)},
                 "rss_bytes": rss_bytes()}
 
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from ..allocator import keep_freed_memory
-from ..zoo.runtime import Runtime, quantile
+from ..measure.latency import quantile
+from ..zoo.runtime import Runtime
 
 # Tags of the messages (first byte).
 PREDICT, PING, QUIT = b"P", b"N", b"Q"

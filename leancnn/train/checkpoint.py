@@ -3,13 +3,13 @@
 killed mid-write resumes from the previous complete epoch."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import load_tensors, save_tensors, write_json
+from ..errors import LeancnnError
+from ..io import load_tensors, read_json_file, save_tensors, write_json
 
 LATEST = "latest.json"
 
@@ -51,7 +51,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     latest = folder / LATEST
     if not latest.is_file():
         return None
-    info = json.loads(latest.read_text())
+    info = read_json_file(latest)
+    if not isinstance(info, dict) or not isinstance(info.get("weights"), str):
+        raise LeancnnError(f"{latest}: not a leancnn checkpoint record (no 'weights' file named)")
     return info, load_tensors(folder / info["weights"])
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..measure.latency import quantile
 from .build import load_manifest, load_zoo_models
 from .blocking import BlockingGuard
 from .front import FrontModel
@@ -27,14 +28,6 @@ class Prediction:
     deadline_ms: float
     deadline_met: bool
     expected_to_fit: bool      # the selector's view when it chose
-
-
-def quantile_of_sorted(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-def quantile(values, fraction: float) -> float:
-    return quantile_of_sorted(sorted(values), fraction)
 
 
 class Runtime:
@@ -114,9 +107,8 @@ class Runtime:
         samples = self.samples[index]
         samples.append(elapsed_ms)
         if self.calibrate and len(samples) >= self.min_samples:
-            ordered = sorted(samples)
-            self.selector.update(index, quantile_of_sorted(ordered, self.fraction))
-            self.median_ms[index] = quantile_of_sorted(ordered, 0.5)
+            self.selector.update(index, quantile(list(samples), self.fraction))
+            self.median_ms[index] = quantile(list(samples), 0.5)
 
     def choose(self, time_left_ms: float) -> tuple[int | None, bool]:
         if self.fixed == "fastest":
