@@ -70,6 +70,8 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
         raise LeancnnError(f"{out}: a finished run is already there; choose another --out")
     model, architecture, existing = load_run_with_methods(run_dir)
     config = load_config(run_dir / "config.toml")
+    for method in new_methods:
+        method.check_training(config)   # fine-tuning trains with the run's config
     dataset = prepare_data(config)
     train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
     context = CompressSession(train_split, config, selection_images, selection_labels, existing, progress)

@@ -69,7 +69,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
     for spec in config.methods:
-        parse_method(spec)
+        parse_method(spec).check_training(config)
     run_dir = config.run_dir()
     if run_dir.exists() and (run_dir / "result.json").exists() and not resume:
         raise LeancnnError(f"{run_dir}: a finished run is already there; choose another --out or delete it")

@@ -67,8 +67,12 @@ def test_corrupt_gzip_and_bad_magic(tmp_path):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError) as error:
         load_dataset("mnist", tmp_path / "nothing-here")
+    message = str(error.value)
+    assert "mnist" in message and str(tmp_path / "nothing-here") in message   # what, and where it looked
+    assert "put the four IDX files" in message and "train-images-idx3-ubyte.gz" in message   # how to get it
+    assert len(message.splitlines()) == 1
 
 
 def write_cifar_batch(path, count, label_key=b"labels", seed=0):
@@ -164,6 +168,13 @@ def test_random_crop_is_a_shift_of_the_padded_image():
         matches = [(dy, dx) for dy in range(5) for dx in range(5)
                    if torch.equal(padded[b, :, dy:dy + 5, dx:dx + 5], cropped[b])]
         assert matches, "every crop must be a window of the padded image"
+    # And the windows move: over 60 distinct images many of the 25 offsets occur, not only the centre.
+    many = torch.randint(0, 256, (60, 1, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    crops = random_crop(many, 2, torch.Generator().manual_seed(4))
+    big = torch.nn.functional.pad(many, (2, 2, 2, 2))
+    offsets = {(dy, dx) for b in range(60) for dy in range(5) for dx in range(5)
+               if torch.equal(big[b, :, dy:dy + 5, dx:dx + 5], crops[b])}
+    assert len(offsets) >= 12 and (2, 2) in offsets
 
 
 def test_flip_and_loader_determinism():
@@ -171,6 +182,8 @@ def test_flip_and_loader_determinism():
     labels = torch.arange(50)
     flipped = random_flip(images, torch.Generator().manual_seed(0))
     assert all(torch.equal(f, i) or torch.equal(f, i.flip(-1)) for f, i in zip(flipped, images))
+    turned = sum(not torch.equal(f, i) for f, i in zip(flipped, images))
+    assert 10 <= turned <= 40, "about half of the 50 images are flipped, not none and not all"
     loader = BatchLoader(images, labels, 16, shuffle=True, crop_padding=1, horizontal_flip=True, seed=7)
     loader.set_epoch(2)
     first = [(x.clone(), y.clone()) for x, y in loader]

@@ -57,11 +57,11 @@ def test_regrowth_only_picks_zero_positions():
     for name, module in layers:
         after = getattr(module, MASK)
         grown = after & ~before[name]
-        # grown positions were zero weights before the rewiring; their weights start at zero
+        # regrown positions start at zero; pruned ones are zero
         assert torch.count_nonzero(module.weight[grown]) == 0
-        assert not (grown & before[name]).any()
         assert torch.count_nonzero(module.weight[~after]) == 0
     assert sum(int(getattr(m, MASK).sum()) for _, m in layers) == total_before
+    assert any(not torch.equal(getattr(m, MASK), before[n]) for n, m in layers), "the rewiring moved weights"
 
 
 def test_beta_one_trains_like_plain_dynamic_sparse_training(tmp_path):
@@ -69,8 +69,11 @@ def test_beta_one_trains_like_plain_dynamic_sparse_training(tmp_path):
                               out=str(tmp_path / "a")), progress=False)
     b = train_run(tiny_config(tmp_path, epochs=2, methods=["dnr:density=0.2,attack=none"],
                               out=str(tmp_path / "b")), progress=False)
-    sa, sb = load_tensors(a.run_dir / "model.safetensors"), load_tensors(b.run_dir / "model.safetensors")
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = train_run(tiny_config(tmp_path, epochs=2, methods=["dnr:density=0.2,beta=0.5,attack=pgd,steps=1"],
+                              out=str(tmp_path / "c")), progress=False)
+    sa, sb, sc = (load_tensors(r.run_dir / "model.safetensors") for r in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)   # beta = 1: the attack's loss has no weight
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)   # beta < 1: the same attack changes training
 
 
 def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
@@ -179,3 +182,42 @@ def test_full_density_is_plain_dense_training():
     method = parse_method("dnr:density=1,prune_fraction=0,attack=none")
     model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4))
     assert method.layers(model) == [] and not any("dnr" in name for name, _ in model.named_buffers())
+
+
+def test_rewiring_by_hand():
+    """Two prunable layers of 8 weights, 4 active each; prune half of each by magnitude, regrow
+    the 4 in proportion to each layer's mean |momentum| over its weights active before pruning
+    (1.0 and 1.0: 2 each, where the survivors alone would give A 2.0 and B 1.0), at the zero
+    positions with the largest |momentum|, starting at zero."""
+    method = parse_method("dnr:density=0.5,attack=none")
+    model = method.prepare(nn.Sequential(nn.Conv2d(1, 2, 2), nn.Conv2d(2, 1, 2), nn.Linear(8, 1)))
+    layers = method.layers(model)
+    assert [n for n, _ in layers] == ["1", "2"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cases = {  # weights (active 0..3), momentum
+        "1": ([4.0, -1.0, 3.0, 2.0, 0, 0, 0, 0], [2.0, 0.0, -2.0, 0.0, 0.5, -9.0, 0.1, 0.2]),
+        "2": ([5.0, 6.0, -0.5, 7.0, 0, 0, 0, 0], [1.0, 1.0, 1.0, -1.0, 3.0, 0.3, 0.2, 4.0]),
+    }
+    for name, module in layers:
+        weight, momentum = cases[name]
+        with torch.no_grad():
+            module.weight.copy_(torch.tensor(weight).view_as(module.weight))
+        getattr(module, MASK).copy_(torch.tensor([True] * 4 + [False] * 4).view_as(module.weight))
+        optimizer.state[module.weight]["momentum_buffer"] = torch.tensor(momentum).view_as(module.weight)
+    method.rewire(layers, optimizer, fraction=0.5)
+    a, b = (module for _, module in layers)
+    # A: prune |w| 1 and 2 (positions 1, 3); regrow at |momentum| 9 and 0.5 (positions 5, 4).
+    assert getattr(a, MASK).flatten().nonzero().flatten().tolist() == [0, 2, 4, 5]
+    assert a.weight.flatten().tolist() == [4.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    # B: prune |w| 0.5 and 5 (positions 2, 0); regrow at |momentum| 4 and 3 (positions 7, 4).
+    assert getattr(b, MASK).flatten().nonzero().flatten().tolist() == [1, 3, 4, 7]
+    assert b.weight.flatten().tolist() == [0.0, 6.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_dnr_without_momentum_is_refused_before_anything_is_written(tmp_path):
+    config = tiny_config(tmp_path, momentum=0.0, nesterov=False, methods=["dnr:density=0.2,attack=none"])
+    with pytest.raises(ConfigError, match="needs momentum > 0"):
+        train_run(config, progress=False)
+    assert not (tmp_path / "run").exists()
+    train_run(tiny_config(tmp_path, momentum=0.0, nesterov=False,   # a fixed mask needs no momentum
+                          methods=["dnr:density=0.2,attack=none,prune_fraction=0"]), progress=False)

@@ -89,11 +89,16 @@ def test_synthetic_learns_far_above_chance(tmp_path):
     assert outcome.result.test_acc > 0.95
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step"])
-def test_schedules_shape(schedule):
-    lrs = [learning_rate(schedule, s, 100, 0.1, steps_per_epoch=10, milestones=[5]) for s in range(100)]
-    assert max(lrs) <= 0.1 + 1e-12 and min(lrs) >= 0
-    assert lrs[-1] < 0.1 * 0.5
+@pytest.mark.parametrize("schedule, expected", [
+    # 100 steps, peak 0.1, warm-up 20 steps; at steps 0, 10, 20, 60, 100.
+    ("onecycle", [0.1 * 0.04, 0.1 * (0.04 + 0.96 * 10 / 20), 0.1, 0.1 * (1 - 40 / 80), 0.0]),
+    ("cosine", [0.1 * 1 / 20, 0.1 * 11 / 20, 0.1, 0.05, 0.0]),   # at 60: half-way down the cosine
+    ("step", [0.1, 0.1, 0.1, 0.1 * 0.2, 0.1 * 0.2]),              # milestone at epoch 5 = step 50
+])
+def test_schedules_by_hand(schedule, expected):
+    lrs = [learning_rate(schedule, step, 100, 0.1, warmup_fraction=0.2, steps_per_epoch=10, milestones=[5],
+                         gamma=0.2) for step in (0, 10, 20, 60, 100)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.slow

@@ -90,6 +90,10 @@ class Method:
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
 
+    def check_training(self, config: TrainConfig) -> None:
+        """Raise ConfigError if the method cannot train under `config`; called before anything
+        of a run is written (and before `leancnn compress` fine-tunes)."""
+
     # -- training hooks ----------------------------------------------------
     def before_training(self, trainer: TrainingContext) -> None:
         """Called when `fit` starts, on a resume too (after the checkpoint is restored)."""

@@ -123,6 +123,12 @@ class DNR(Method):
     # The first (sparse training alone) is what --quick runs; the second trains against PGD (about 8x the cost).
     bench_specs = ["dnr:density=0.05,attack=none", "dnr:density=0.05"]
 
+    def check_training(self, config) -> None:
+        if config.momentum <= 0 and (self.options.prune_fraction > 0 or self.options.mode == "channel"):
+            raise ConfigError("method 'dnr': rewiring regrows at the largest SGD momentum, so it needs "
+                              f"momentum > 0 (the config has momentum={config.momentum}); set momentum=0.9 "
+                              "or prune_fraction=0")
+
     def validate(self) -> None:
         o = self.options
         if not 0 < o.density <= 1:
@@ -210,13 +216,16 @@ class DNR(Method):
 
     @torch.no_grad()
     def rewire(self, layers: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer, fraction: float) -> None:
-        momenta = []
+        momenta, shares = [], []
         pruned_total = 0
         for _, module in layers:
             weight, mask = module.weight, getattr(module, MASK)
             state = optimizer.state.get(weight, {})
             momentum = state.get("momentum_buffer")
             momenta.append(momentum.abs() if momentum is not None else torch.zeros_like(weight))
+            # A layer's share of the regrowth: the mean |momentum| of the weights active before this
+            # pruning step (the paper's normalised layer momentum), not of the survivors only.
+            shares.append(float(momenta[-1][mask].mean()) if mask.any() else 0.0)
             active = int(mask.sum())
             count = int(fraction * active)
             if count == 0:
@@ -228,8 +237,6 @@ class DNR(Method):
             pruned_total += count
         if pruned_total == 0:
             return
-        shares = [float(m[getattr(mod, MASK)].mean()) if getattr(mod, MASK).any() else 0.0
-                  for m, (_, mod) in zip(momenta, layers)]
         capacity = [int((~getattr(mod, MASK)).sum()) for _, mod in layers]
         regrow = distribute(pruned_total, shares, capacity)
         for count, momentum, (_, module) in zip(regrow, momenta, layers):

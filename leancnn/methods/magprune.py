@@ -35,6 +35,9 @@ class MagPrune(DNR):
     post_training = True
     bench_specs: list[str] = []
 
+    def check_training(self, config) -> None:
+        """The mask never changes: no momentum needed (DNR's rewiring needs it)."""
+
     def validate(self) -> None:
         super().validate()
         if self.options.mode != "irregular":
