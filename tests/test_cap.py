@@ -8,9 +8,10 @@ import torch
 
 from leancnn.errors import ConfigError
 from leancnn.methods import apply_methods
-from leancnn.methods.cap import (fold_batchnorm, insert_projections, merge_projections, retract, stiefel_step)
+from leancnn.methods.cap import (Reconstruction, fold_batchnorm, insert_projections, merge_projections, retract,
+                                 stiefel_step)
 from leancnn.methods.channels import channel_groups
-from leancnn.models import create_model
+from leancnn.models import MODELS, create_model
 
 
 def trained_like(name: str) -> torch.nn.Module:
@@ -114,3 +115,27 @@ def test_cap_unknown_layout_fails_before_changes(tmp_path):
     with pytest.raises(ConfigError, match="does not know"):
         parse_method("cap:macs=0.5").compress(model, context)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_identity_projections_reconstruct_every_layer_exactly(name):
+    """At full rank with P = I the projected network is the folded one: zero reconstruction error
+    at every consumer (the targets come from the folded network, as the projected side has its
+    batch norms folded too), on every registered model CaP supports."""
+    model = trained_like(name)
+    try:
+        groups = channel_groups(model)
+    except ConfigError:
+        pytest.skip(f"channel surgery does not support {name}")
+    folded = copy.deepcopy(model)
+    for group in groups:
+        fold_batchnorm(folded.get_submodule(group.producer))
+    identities = [torch.eye(folded.get_submodule(g.producer)[0].out_channels) for g in groups]
+    objective = Reconstruction(folded, groups, identities)
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        logits, error = objective(x)
+        assert float(error) < 1e-9 and torch.allclose(logits, model(x), atol=1e-4)
+        assert set(objective.targets) == {g.consumer for g in groups}   # every consumer is compared
+        assert all((t ** 2).mean() > 0 for t in objective.targets.values())
+    objective.close()

@@ -12,7 +12,9 @@ reads r channels, W' P. The result is an ordinary thinner dense model.
    network before any optimisation; at full rank the start is the identity).
 2. All P are optimised jointly, the rest of the network frozen, on
    cross-entropy plus `gamma` times the squared error of every consumer's
-   output against the original network's (next-layer feature reconstruction).
+   output against the same consumer in the unprojected network with its batch
+   norms folded (next-layer feature reconstruction; each layer's error relative
+   to its target's mean square, so gamma weighs every layer the same).
    P stays on the Stiefel manifold: the gradient is projected onto the tangent
    space, the step taken, and P retracted by the SVD (P = U V^T).
 3. Ranks meet the MAC target either uniformly (the same kept fraction for every
@@ -243,7 +245,6 @@ class CaP(Method):
 
         groups = channel_groups(model)  # unknown layouts fail here, before anything changes
         shape = context.dataset.input_shape
-        original = copy.deepcopy(model).eval()
         folded = copy.deepcopy(model).eval()
         for group in groups:
             fold_batchnorm(folded.get_submodule(group.producer))
@@ -259,7 +260,7 @@ class CaP(Method):
         best = None
         for lr in ([self.options.lr] if self.options.lr > 0 else LR_CHOICES):
             projections = [nn.Parameter(aligned_basis(vectors, rank)) for (vectors, _), rank in zip(spectra, ranks)]
-            self.optimise(original, folded, groups, projections, loader, context, lr)
+            self.optimise(folded, groups, projections, loader, context, lr)
             merged = merge_projections(copy.deepcopy(folded), groups, [p.detach() for p in projections])
             accuracy = context.accuracy(merged) if self.options.lr == 0 else 0.0
             if best is None or accuracy > best[0]:
@@ -272,42 +273,65 @@ class CaP(Method):
         context.notes["cap_lr"] = lr
         return merged, CaP(CaPOptions(**{**self.options.__dict__, "lr": lr, "widths": widths}))
 
-    def optimise(self, original: nn.Module, folded: nn.Module, groups: list[ChannelGroup],
-                 projections: list[nn.Parameter], loader, context, lr: float) -> None:
+    def optimise(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter],
+                 loader, context, lr: float) -> None:
         if self.options.steps == 0:
             return
-        projected = copy.deepcopy(folded)
-        # The consumers' own layers, found before the projections wrap them (in a chain a consumer
-        # is also the next producer, whose wrapped output is already compressed).
-        consumers = [projected.get_submodule(g.consumer) for g in groups]
-        insert_projections(projected, groups, projections).eval()
-        for parameter in projected.parameters():
-            parameter.requires_grad_(False)
         for projection in projections:
             projection.requires_grad_(True)
-        targets: dict[str, torch.Tensor] = {}
-        outputs: dict[str, torch.Tensor] = {}
-        hooks = [original.get_submodule(g.consumer).register_forward_hook(
-            lambda m, a, out, n=g.consumer: targets.__setitem__(n, out.detach())) for g in groups]
-        hooks += [module.register_forward_hook(lambda m, a, out, n=g.consumer: outputs.__setitem__(n, out))
-                  for g, module in zip(groups, consumers)]
+        objective = Reconstruction(folded, groups, projections)
         step = 0
         epoch = 0
-        while step < self.options.steps:
-            loader.set_epoch(epoch)
-            for images, labels in loader:
-                with torch.no_grad():
-                    original(images)
-                logits = projected(images)
-                reconstruction = sum(((outputs[n] - targets[n]) ** 2).mean() for n in targets)
-                loss = nn.functional.cross_entropy(logits, labels) + self.options.gamma * reconstruction
-                grads = torch.autograd.grad(loss, projections)
-                with torch.no_grad():
-                    for projection, grad in zip(projections, grads):
-                        projection.copy_(stiefel_step(projection, grad, lr))
-                step += 1
-                if step >= self.options.steps:
-                    break
-            epoch += 1
-        for h in hooks:
-            h.remove()
+        try:
+            while step < self.options.steps:
+                loader.set_epoch(epoch)
+                for images, labels in loader:
+                    logits, reconstruction = objective(images)
+                    loss = nn.functional.cross_entropy(logits, labels) + self.options.gamma * reconstruction
+                    grads = torch.autograd.grad(loss, projections)
+                    with torch.no_grad():
+                        for projection, grad in zip(projections, grads):
+                            projection.copy_(stiefel_step(projection, grad, lr))
+                    step += 1
+                    if step >= self.options.steps:
+                        break
+                epoch += 1
+        finally:
+            objective.close()
+
+
+class Reconstruction:
+    """CaP's next-layer feature reconstruction: the projected network's logits, and the sum over
+    groups of each consumer's squared output error against the same consumer in the folded
+    network (the function the original computes, with its batch norms folded as the projected
+    side has them), divided by that target's mean square so that every layer weighs the same
+    whatever its size and scale. At full-rank identity projections it is exactly 0."""
+
+    def __init__(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor]) -> None:
+        self.reference = folded
+        self.projected = copy.deepcopy(folded)
+        # The consumers' own layers, found before the projections wrap them (in a chain a consumer
+        # is also the next producer, whose wrapped output is already compressed).
+        consumers = [self.projected.get_submodule(g.consumer) for g in groups]
+        insert_projections(self.projected, groups, projections).eval()
+        for parameter in self.projected.parameters():
+            if not any(parameter is projection for projection in projections):
+                parameter.requires_grad_(False)
+        self.targets: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.hooks = [folded.get_submodule(g.consumer).register_forward_hook(
+            lambda m, a, out, n=g.consumer: self.targets.__setitem__(n, out.detach())) for g in groups]
+        self.hooks += [module.register_forward_hook(lambda m, a, out, n=g.consumer: self.outputs.__setitem__(n, out))
+                       for g, module in zip(groups, consumers)]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            self.reference.eval()(images)
+        logits = self.projected(images)
+        terms = [((self.outputs[n] - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
+                 for n, target in self.targets.items()]
+        return logits, sum(terms)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
