@@ -218,3 +218,20 @@ def test_fast_upsample_matches_the_written_out_rule():
         assert torch.allclose(fast, reference, atol=1e-6), (height, width)
         cl = virtual_upsample(values.contiguous(memory_format=torch.channels_last), height, width)
         assert torch.allclose(cl, reference, atol=1e-6)
+
+
+def test_csr_recurrence_by_hand_at_three_steps():
+    """1x1, three channels, T = 3: scalar U (2, bias 0.5), V (-1, bias 0.25), a = 0.5, b = 0.25.
+    h1 = U x1; h_t = l + a relu(c + l) - b l with c = U x_t, l = V h_{t-1}."""
+    layer = CSRConv2d(3, 3, 1, bias=True, steps=3)
+    with torch.no_grad():
+        layer.input_conv.weight.fill_(2.0), layer.input_conv.bias.fill_(0.5)
+        layer.hidden_conv.weight.fill_(-1.0), layer.hidden_conv.bias.fill_(0.25)
+        layer.mix_a.fill_(0.5), layer.mix_b.fill_(0.25)
+        out = layer(torch.tensor([1.0, -3.0, 2.0]).view(1, 3, 1, 1)).flatten().tolist()
+    # h1 = 2.5; t=2: c = -5.5, l = -2.25, relu(-7.75) = 0, h2 = -2.25 + 0.5625 = -1.6875;
+    # t=3: c = 4.5, l = 1.9375, relu(6.4375) = 6.4375, h3 = 1.9375 + 3.21875 - 0.484375 = 4.671875.
+    assert out == [2.5, -1.6875, 4.671875]
+    # With bias both U and V have one: 16 -> 16, 3x3, T = 2: U and V 8x8x9 each, 2 scalars, 2 x 8 biases.
+    assert sum(p.numel() for p in CSRConv2d(16, 16, 3, bias=True, steps=2).parameters()) == 576 + 576 + 2 + 16
+    assert sum(p.numel() for p in CSRConv2d(16, 16, 3, bias=False, steps=2).parameters()) == 576 + 576 + 2

@@ -35,15 +35,17 @@ class CSRConv2d(nn.Module):
         self.group_out = math.ceil(out_channels / steps)
         padding = kernel_size // 2 if padding is None else padding
         self.input_conv = nn.Conv2d(self.group_in, self.group_out, kernel_size, stride, padding, bias=bias)   # U
-        self.hidden_conv = nn.Conv2d(self.group_out, self.group_out, kernel_size, 1, kernel_size // 2, bias=False)  # V
+        # V has a bias too when the layer has one (as in the authors' code).
+        self.hidden_conv = nn.Conv2d(self.group_out, self.group_out, kernel_size, 1, kernel_size // 2, bias=bias)  # V
         self.mix_a = nn.Parameter(torch.tensor(0.5))
         self.mix_b = nn.Parameter(torch.tensor(0.5))
         # Input channel order after padding by repetition: 0..C_in-1, 0, 1, ...
         self.register_buffer("channel_index", torch.arange(self.group_in * steps) % in_channels, persistent=False)
         for conv in (self.input_conv, self.hidden_conv):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.input_conv.bias is not None:
-            nn.init.zeros_(self.input_conv.bias)
+        for conv in (self.input_conv, self.hidden_conv):
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, steps: int) -> "CSRConv2d":
@@ -68,7 +70,7 @@ class CSRConv2d(nn.Module):
     @staticmethod
     def expected_params(in_channels: int, out_channels: int, kernel_size: int, steps: int, bias: bool) -> int:
         g_in, g_out = math.ceil(in_channels / steps), math.ceil(out_channels / steps)
-        return g_out * g_in * kernel_size ** 2 + g_out * g_out * kernel_size ** 2 + 2 + (g_out if bias else 0)
+        return g_out * g_in * kernel_size ** 2 + g_out * g_out * kernel_size ** 2 + 2 + (2 * g_out if bias else 0)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, T={self.steps}"
