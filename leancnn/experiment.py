@@ -15,7 +15,7 @@ from .data import DATASETS, ImageDataset, load_dataset
 from .errors import LeancnnError
 from .io import write_text
 from .deploy import deploy, deploy_plan
-from .measure import count, latency_table
+from .measure import count, latency_table, parse_attack, robust_accuracy
 from .measure.latency import machine
 from .methods import Method, apply_methods, parse_method
 from .models import MODELS, create_model
@@ -65,6 +65,24 @@ def measure_into(result: RunResult, model: nn.Module, input_shape: tuple[int, ..
         result.extra["deploy_plan"] = deploy_plan(deployed)
 
 
+def robust_figures(methods: list[Method], model: nn.Module, dataset: ImageDataset,
+                   batch_size: int) -> tuple[dict[str, float] | None, dict[str, Any]]:
+    """Accuracy under the attacks the methods ask for (Method.robust_attacks) on the first test
+    images they name, and what was measured (the specs and the image count)."""
+    specs, images = [], 0
+    for method in methods:
+        asked, count = method.robust_attacks(dataset)
+        specs += [spec for spec in asked if spec not in specs]
+        images = max(images, count)
+    if not specs:
+        return None, {}
+    attacks = [parse_attack(spec, dataset.attack_eps) for spec in specs]
+    test_images, test_labels = dataset.test_images[:images], dataset.test_labels[:images]
+    robust = {attack.name: robust_accuracy(model, test_images, test_labels, attack, batch_size=batch_size,
+                                           progress=False) for attack in attacks}
+    return robust, {"robust_settings": {a.name: a.spec for a in attacks}, "robust_images": len(test_labels)}
+
+
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
@@ -92,9 +110,11 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     architecture["methods"] = [m.spec() for m in methods]
     model = model.to(memory_format=torch.contiguous_format)
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
+    robust, settings = robust_figures(methods, model, dataset, config.eval_batch_size)
     result = RunResult(dataset=config.data, model=config.model, methods=architecture["methods"], epochs=config.epochs,
-                       seed=config.seed, test_acc=test.top1, test_top5=test.top5,
-                       train_seconds=round(state.seconds, 3), versions={**versions(), "machine": machine()})
+                       seed=config.seed, test_acc=test.top1, test_top5=test.top5, robust=robust,
+                       train_seconds=round(state.seconds, 3), versions={**versions(), "machine": machine()},
+                       extra=settings)
     model_cpu = model.cpu()
     measure_into(result, model_cpu, dataset.input_shape, latency=config.latency)
     write_model(run_dir, model_cpu, architecture)

@@ -221,3 +221,24 @@ def test_dnr_without_momentum_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
     train_run(tiny_config(tmp_path, momentum=0.0, nesterov=False,   # a fixed mask needs no momentum
                           methods=["dnr:density=0.2,attack=none,prune_fraction=0"]), progress=False)
+
+
+def test_an_adversarial_dnr_run_records_its_robust_accuracy(tmp_path):
+    from leancnn.measure import parse_attack, robust_accuracy
+
+    outcome = train_run(tiny_config(tmp_path, epochs=1, methods=["dnr:density=0.2,steps=1,eps=0.05,eval_images=40"]),
+                        progress=False)
+    result = outcome.result
+    assert result.extra["robust_settings"] == {"fgsm": "fgsm:eps=0.05,norm=linf",
+                                               "pgd": "pgd:eps=0.05,step=None,steps=10,random_start=True,norm=linf"}
+    assert result.extra["robust_images"] == 40
+    dataset = prepare_data(tiny_config(tmp_path))
+    for name, spec in result.extra["robust_settings"].items():   # the same figure, measured again
+        again = robust_accuracy(outcome.model, dataset.test_images[:40], dataset.test_labels[:40], parse_attack(spec),
+                                progress=False)
+        assert result.robust[name] == again
+    stored = json.loads((outcome.run_dir / "result.json").read_text())
+    assert stored["robust"] == result.robust and stored["robust_images"] == 40
+    plain = train_run(tiny_config(tmp_path, epochs=1, methods=["dnr:density=0.2,attack=none"], out=str(tmp_path / "p")),
+                      progress=False)
+    assert plain.result.robust is None and "robust_settings" not in plain.result.extra

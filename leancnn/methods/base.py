@@ -117,6 +117,11 @@ class Method:
         pass
 
     # -- after training ----------------------------------------------------
+    def robust_attacks(self, dataset: ImageDataset) -> tuple[list[str], int]:
+        """Attack specs a finished run of this method is measured under (result.json's `robust`),
+        and on how many test images; none by default."""
+        return [], 0
+
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 

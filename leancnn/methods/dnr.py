@@ -71,6 +71,7 @@ class DNROptions:
     mode: str = "irregular"        # irregular (weights) or channel (whole output channels, then removed)
     widths: str = ""               # set after channel-mode training: the thinner model's shape
     multiple: int = 1              # channel mode: each layer keeps a multiple of this many channels
+    eval_images: int = 1000        # test images a finished adversarial run is attacked on (FGSM, PGD-10); 0 = none
 
 
 def aligned_keep(channels: int, density: float, multiple: int) -> int:
@@ -123,6 +124,14 @@ class DNR(Method):
     # The first (sparse training alone) is what --quick runs; the second trains against PGD (about 8x the cost).
     bench_specs = ["dnr:density=0.05,attack=none", "dnr:density=0.05"]
 
+    def robust_attacks(self, dataset) -> tuple[list[str], int]:
+        """A run trained against an attack is measured under FGSM and PGD-10 at its own eps, so that
+        its run directory says what the robustness cost or bought."""
+        if self.options.attack == "none" or self.options.beta >= 1 or self.options.eval_images <= 0:
+            return [], 0
+        eps = self.options.eps if self.options.eps is not None else dataset.attack_eps
+        return [f"fgsm:eps={eps}", f"pgd:eps={eps},steps=10"], self.options.eval_images
+
     def check_training(self, config) -> None:
         if config.momentum <= 0 and (self.options.prune_fraction > 0 or self.options.mode == "channel"):
             raise ConfigError("method 'dnr': rewiring regrows at the largest SGD momentum, so it needs "
@@ -143,6 +152,8 @@ class DNR(Method):
             raise ConfigError(f"method 'dnr': prune_fraction must be in [0, 1), got {o.prune_fraction}")
         if o.mode not in MODES:
             raise ConfigError(f"method 'dnr': mode must be one of {', '.join(MODES)}, got {o.mode!r}")
+        if o.eval_images < 0:
+            raise ConfigError(f"method 'dnr': eval_images must be >= 0 (0 = no attack after training), got {o.eval_images}")
         if o.multiple < 1:
             raise ConfigError(f"method 'dnr': multiple must be a whole number >= 1, got {o.multiple}")
         if o.multiple != 1 and o.mode != "channel":
