@@ -1,15 +1,25 @@
 """The main job: Pareto fronts on hand-made results, and `leancnn bench` end to end on synthetic data."""
 from __future__ import annotations
 
-
 import json
 import re
+
+import pytest
 
 from leancnn.bench import BenchPlan, Candidate, default_candidates, quick_scale, run_bench, write_outputs
 from leancnn.cli import main
 from leancnn.kernels.sparse import PASS_CHOICES
 from leancnn.report.budget import Budget
 from leancnn.report.pareto import pareto_front
+
+
+@pytest.fixture(autouse=True)
+def _two_timing_rounds(monkeypatch):
+    # The bench times its candidates in rounds that take turns; two rounds exercise the turns
+    # as well as five, in less of the suite's time.
+    import leancnn.bench as bench
+
+    monkeypatch.setattr(bench, "LATENCY_ROUNDS", 2)
 
 
 def test_pareto_front_on_hand_made_points():
