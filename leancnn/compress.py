@@ -13,7 +13,7 @@ from torch import nn
 from .config import TrainConfig, load_config, to_toml
 from .data import ImageDataset
 from .errors import LeancnnError
-from .experiment import measure_into, prepare_data
+from .experiment import measure_into, prepare_data, robust_figures
 from .io import write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
@@ -95,9 +95,11 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     new_architecture = {**architecture, "methods": architecture.get("methods", []) + resolved,
                         "compressed_from": str(run_dir)}
     parent = read_result(run_dir)
+    robust, settings = robust_figures(new_methods, model, dataset, config.eval_batch_size)
     result = RunResult(dataset=parent.dataset, model=parent.model, methods=new_architecture["methods"],
-                       epochs=parent.epochs, seed=parent.seed, test_acc=test.top1, test_top5=test.top5,
-                       train_seconds=parent.train_seconds, versions={**versions(), "machine": machine()})
+                       epochs=parent.epochs, seed=parent.seed, test_acc=test.top1, test_top5=test.top5, robust=robust,
+                       train_seconds=parent.train_seconds, versions={**versions(), "machine": machine()},
+                       extra=settings)
     result.extra["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
                           "test_acc_before_finetune": compressed, **context.notes}
     measure_into(result, model.cpu(), dataset.input_shape, latency=latency)

@@ -162,6 +162,8 @@ def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_p
         before = original.get_submodule(name).weight.abs().flatten()
         assert before[mask.flatten()].min() >= before[~mask.flatten()].max()  # the largest were kept
     assert result.extra["compress"]["test_acc_before_finetune"] is not None
+    # Fine-tuned against PGD: the new run records its accuracy under FGSM and PGD-10 (its test subset: 300).
+    assert set(result.robust) == {"fgsm", "pgd"} and result.extra["robust_images"] == 300
 
 
 def test_aligned_channel_counts():
