@@ -58,43 +58,39 @@ class Bench(Command):
         parser.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        return run_bench_command(args)
-
-
-def run_bench_command(args: argparse.Namespace) -> int:
-    DATASETS.get(args.data)
-    budget = Budget.parse(args.budget, args.batch) if args.budget else None   # bad budgets fail before training
-    if budget is None and args.batch not in BATCHES:
-        raise LeancnnError(f"--batch: candidates are timed at batch {' and '.join(map(str, BATCHES))}, got {args.batch}")
-    quick = QUICK if args.quick else {}
-    model = args.model or quick.get("model", "resnet20")
-    MODELS.get(model)
-    candidates = default_candidates(args.methods, quick=args.quick)
-    for candidate in candidates:
-        for spec in candidate.methods:
-            parse_method(spec)  # bad specs fail before anything is trained
-    plan = BenchPlan(quick=args.quick, data=args.data, model=model, width=args.width or quick.get("width", 1.0),
-                     epochs=args.epochs or quick.get("epochs", 5),
-                     train_subset=args.train_subset or quick.get("train_subset"),
-                     test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,
-                     seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch)
-    if args.max_minutes:
-        train_size = len(load_dataset(args.data, args.data_dir).train_labels)
-        fit_time(plan, args.max_minutes, train_size)
-    out = Path(args.out)
-    notes = describe(plan)
-    for note in notes:
-        print(note)
-    rows = run_bench(plan, out, progress=not args.no_progress, attacks=args.attack)
-    title = f"leancnn bench: {plan.model} on {plan.data}"
-    written = write_outputs(rows, out, title, notes, budget)
-    recommendation = written.recommendation
-    if args.json:
-        print_json({"rows": rows, "recommendation": recommendation.as_dict() if recommendation else None})
+        DATASETS.get(args.data)
+        budget = Budget.parse(args.budget, args.batch) if args.budget else None   # bad budgets fail before training
+        if budget is None and args.batch not in BATCHES:
+            raise LeancnnError(f"--batch: candidates are timed at batch {' and '.join(map(str, BATCHES))}, got {args.batch}")
+        quick = QUICK if args.quick else {}
+        model = args.model or quick.get("model", "resnet20")
+        MODELS.get(model)
+        candidates = default_candidates(args.methods, quick=args.quick)
+        for candidate in candidates:
+            for spec in candidate.methods:
+                parse_method(spec)  # bad specs fail before anything is trained
+        plan = BenchPlan(quick=args.quick, data=args.data, model=model, width=args.width or quick.get("width", 1.0),
+                         epochs=args.epochs or quick.get("epochs", 5),
+                         train_subset=args.train_subset or quick.get("train_subset"),
+                         test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,
+                         seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch)
+        if args.max_minutes:
+            train_size = len(load_dataset(args.data, args.data_dir).train_labels)
+            fit_time(plan, args.max_minutes, train_size)
+        out = Path(args.out)
+        notes = describe(plan)
+        for note in notes:
+            print(note)
+        rows = run_bench(plan, out, progress=not args.no_progress, attacks=args.attack)
+        title = f"leancnn bench: {plan.model} on {plan.data}"
+        written = write_outputs(rows, out, title, notes, budget)
+        recommendation = written.recommendation
+        if args.json:
+            print_json({"rows": rows, "recommendation": recommendation.as_dict() if recommendation else None})
+            return 0
+        print_table(rows, title)
+        print(f"report: {written.report}\ntable: {written.markdown} and {written.csv}\n"
+              f"plots: {', '.join(str(p) for p in written.plots.values())}")
+        if recommendation:
+            print("\n" + "\n".join(recommendation.lines()))
         return 0
-    print_table(rows, title)
-    print(f"report: {written.report}\ntable: {written.markdown} and {written.csv}\n"
-          f"plots: {', '.join(str(p) for p in written.plots.values())}")
-    if recommendation:
-        print("\n" + "\n".join(recommendation.lines()))
-    return 0

@@ -28,19 +28,15 @@ class Eval(Command):
         parser.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        return run_eval(args)
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    clean, robust = evaluate_run(run_dir, args.attack, test_subset=args.test_subset, data_dir=args.data_dir,
-                                 batch_size=args.batch_size, progress=not args.no_progress)
-    settings = read_result(run_dir).extra.get("robust_settings", {})
-    if args.json:
-        print_json({"run_dir": str(run_dir), "test_images": clean.count, "test_acc": clean.top1,
-                    "test_top5": clean.top5, "robust": robust, "robust_settings": settings})
-    else:
-        print(f"{run_dir}: clean accuracy {100 * clean.top1:.2f}% on {clean.count} test images")
-        for name, value in robust.items():
-            print(f"  under {settings.get(name, name)}: {100 * value:.2f}%")
-    return 0
+        run_dir = Path(args.run)
+        clean, robust = evaluate_run(run_dir, args.attack, test_subset=args.test_subset, data_dir=args.data_dir,
+                                     batch_size=args.batch_size, progress=not args.no_progress)
+        settings = read_result(run_dir).extra.get("robust_settings", {})
+        if args.json:
+            print_json({"run_dir": str(run_dir), "test_images": clean.count, "test_acc": clean.top1,
+                        "test_top5": clean.top5, "robust": robust, "robust_settings": settings})
+        else:
+            print(f"{run_dir}: clean accuracy {100 * clean.top1:.2f}% on {clean.count} test images")
+            for name, value in robust.items():
+                print(f"  under {settings.get(name, name)}: {100 * value:.2f}%")
+        return 0

@@ -35,32 +35,28 @@ class Profile(Command):
         parser.add_argument("--json", action="store_true", help="print figures as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        return run_profile(args)
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    if bool(args.run) == bool(args.model):
-        raise LeancnnError("give either a run directory or --model NAME, not both and not neither")
-    if args.run:
-        model, architecture = load_run(Path(args.run))
-        input_shape = parse_input_shape(args.input) if args.input else tuple(architecture["input_shape"])
-        model, _ = apply_methods(model, args.methods)
-        title = f"{args.run} ({architecture['model']})"
-    else:
-        input_shape = parse_input_shape(args.input or "3x32x32")
-        model = create_model(args.model, num_classes=args.classes, in_channels=input_shape[0], width=args.width)
-        model, _ = apply_methods(model, args.methods)
-        title = f"{args.model} at {'x'.join(map(str, input_shape))}" + (f" with {', '.join(args.methods)}" if args.methods else "")
-    if args.deploy:
-        title += ", deployed"
-    output = {"methods": args.methods, **profile_model(model, input_shape, deployed=args.deploy, latency=args.latency)}
-    totals = {key: output[key] for key in TOTAL_KEYS}
-    if args.json:
-        print_json(output)
-    else:
-        print_profile(title, output["layers"], totals)
-        for key, value in output.get("latency_ms", {}).items():
-            print(f"latency {key}: {value:.3f} ms (median, PyTorch)")
-        for key, value in output.get("latency_ms_onnxruntime", {}).items():
-            print(f"latency {key}: {value:.3f} ms (median, ONNX Runtime)")
-    return 0
+        if bool(args.run) == bool(args.model):
+            raise LeancnnError("give either a run directory or --model NAME, not both and not neither")
+        if args.run:
+            model, architecture = load_run(Path(args.run))
+            input_shape = parse_input_shape(args.input) if args.input else tuple(architecture["input_shape"])
+            model, _ = apply_methods(model, args.methods)
+            title = f"{args.run} ({architecture['model']})"
+        else:
+            input_shape = parse_input_shape(args.input or "3x32x32")
+            model = create_model(args.model, num_classes=args.classes, in_channels=input_shape[0], width=args.width)
+            model, _ = apply_methods(model, args.methods)
+            title = f"{args.model} at {'x'.join(map(str, input_shape))}" + (f" with {', '.join(args.methods)}" if args.methods else "")
+        if args.deploy:
+            title += ", deployed"
+        output = {"methods": args.methods, **profile_model(model, input_shape, deployed=args.deploy, latency=args.latency)}
+        totals = {key: output[key] for key in TOTAL_KEYS}
+        if args.json:
+            print_json(output)
+        else:
+            print_profile(title, output["layers"], totals)
+            for key, value in output.get("latency_ms", {}).items():
+                print(f"latency {key}: {value:.3f} ms (median, PyTorch)")
+            for key, value in output.get("latency_ms_onnxruntime", {}).items():
+                print(f"latency {key}: {value:.3f} ms (median, ONNX Runtime)")
+        return 0

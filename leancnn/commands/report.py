@@ -26,23 +26,19 @@ class Report(Command):
         parser.add_argument("--threads", type=int, default=0, help="CPU threads to time with (0 = all)")
 
     def run(self, args: argparse.Namespace) -> int:
-        return run_report_command(args)
-
-
-def run_report_command(args: argparse.Namespace) -> int:
-    budget = Budget.parse(args.budget, args.batch) if args.budget else None
-    rows = []
-    for run in args.runs:
-        run_dir = Path(run)
-        result = read_result(run_dir)
-        rows.append({"label": ", ".join(result.methods or []) or "dense", "run_dir": str(run_dir), **result.as_dict()})
-    print(f"timing the {len(rows)} deployed models in turns, batch 1 and 64 ...", flush=True)
-    measure_candidates(rows, args.threads or None, args.batch)   # all the same way, as the bench does
-    out = Path(args.out)
-    title = "leancnn report"
-    written = write_outputs(rows, out, title, [f"{len(rows)} runs: " + ", ".join(args.runs)], budget)
-    print_table(rows, title)
-    print(f"report: {written.report}")
-    if written.recommendation:
-        print("\n".join(written.recommendation.lines()))
-    return 0
+        budget = Budget.parse(args.budget, args.batch) if args.budget else None
+        rows = []
+        for run in args.runs:
+            run_dir = Path(run)
+            result = read_result(run_dir)
+            rows.append({"label": ", ".join(result.methods or []) or "dense", "run_dir": str(run_dir), **result.as_dict()})
+        print(f"timing the {len(rows)} deployed models in turns, batch 1 and 64 ...", flush=True)
+        measure_candidates(rows, args.threads or None, args.batch)   # all the same way, as the bench does
+        out = Path(args.out)
+        title = "leancnn report"
+        written = write_outputs(rows, out, title, [f"{len(rows)} runs: " + ", ".join(args.runs)], budget)
+        print_table(rows, title)
+        print(f"report: {written.report}")
+        if written.recommendation:
+            print("\n".join(written.recommendation.lines()))
+        return 0

@@ -51,7 +51,22 @@ class Serve(Command):
         parser.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 
     def run(self, args: argparse.Namespace) -> int:
-        return run_serve(args)
+        if MISSING:
+            raise LeancnnError(f"serving needs the serve extra: pip install -e '.[serve]' ({MISSING} is missing)")
+        load_manifest(Path(args.zoo))   # a bad zoo fails here, in one line, before the worker starts
+        plan_quantile = parse_quantile(args.quantile, "--quantile")
+        if not 0 <= args.blocking_risk < 1:
+            raise LeancnnError(f"--blocking-risk must be in [0, 1) (0 turns it off), got {args.blocking_risk}")
+        app = create_app(args.zoo, policy=args.when_nothing_fits, fixed=args.static, threads=args.threads,
+                         plan_quantile=plan_quantile,
+                         blocking_risk=args.blocking_risk or None, inference_cpus=parse_cpus(args.inference_cpus),
+                         max_pending=args.max_pending, max_bytes=args.max_bytes)
+        worker = app.state.worker
+        print(f"serving {len(worker.names)} models from {args.zoo} on http://{args.host}:{args.port} "
+              f"(inference in process {worker.process.pid}; hand-back overhead {worker.overhead_ms():.3f} ms, "
+              f"measured as it serves)", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
 
 
 def parse_cpus(text: str | None) -> list[int] | None:
@@ -67,22 +82,3 @@ def parse_cpus(text: str | None) -> list[int] | None:
     if unknown:
         raise LeancnnError(f"--inference-cpus names CPU(s) {unknown} this process cannot use; allowed: {allowed}")
     return cpus
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    if MISSING:
-        raise LeancnnError(f"serving needs the serve extra: pip install -e '.[serve]' ({MISSING} is missing)")
-    load_manifest(Path(args.zoo))   # a bad zoo fails here, in one line, before the worker starts
-    plan_quantile = parse_quantile(args.quantile, "--quantile")
-    if not 0 <= args.blocking_risk < 1:
-        raise LeancnnError(f"--blocking-risk must be in [0, 1) (0 turns it off), got {args.blocking_risk}")
-    app = create_app(args.zoo, policy=args.when_nothing_fits, fixed=args.static, threads=args.threads,
-                     plan_quantile=plan_quantile,
-                     blocking_risk=args.blocking_risk or None, inference_cpus=parse_cpus(args.inference_cpus),
-                     max_pending=args.max_pending, max_bytes=args.max_bytes)
-    worker = app.state.worker
-    print(f"serving {len(worker.names)} models from {args.zoo} on http://{args.host}:{args.port} "
-          f"(inference in process {worker.process.pid}; hand-back overhead {worker.overhead_ms():.3f} ms, "
-          f"measured as it serves)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
