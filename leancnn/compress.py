@@ -13,7 +13,7 @@ from torch import nn
 from .config import TrainConfig, load_config, to_toml
 from .data import ImageDataset
 from .errors import LeancnnError
-from .experiment import measure_into, prepare_data, robust_figures
+from .experiment import RunOutcome, measure_into, prepare_data, robust_figures
 from .io import write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
@@ -61,8 +61,8 @@ def split_selection(dataset: ImageDataset, seed: int) -> tuple[ImageDataset, tor
 
 
 def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | None, lr: float | None = None,
-                 progress: bool = True, latency: bool = True) -> RunResult | None:
-    """The new run's result, or None when the methods only reported."""
+                 progress: bool = True, latency: bool = True) -> RunOutcome | None:
+    """The new run (its directory, result and model), or None when the methods only reported."""
     if not specs:
         raise LeancnnError("give at least one --method")
     new_methods = [parse_method(spec) for spec in specs]  # bad specs fail before anything is loaded
@@ -90,7 +90,7 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     out.mkdir(parents=True, exist_ok=True)
     new_config = replace(config, methods=config.methods + resolved, out=str(out))
     write_text(out / "config.toml", to_toml(new_config))
-    model = context.finetune(model, epochs, lr)
+    model = context.finetune(model, epochs, lr).cpu()
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
     new_architecture = {**architecture, "methods": architecture.get("methods", []) + resolved,
                         "compressed_from": str(run_dir)}
@@ -102,9 +102,9 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
                        extra=settings)
     result.extra["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
                           "test_acc_before_finetune": compressed, **context.notes}
-    measure_into(result, model.cpu(), dataset.input_shape, latency=latency)
-    write_model(out, model.cpu(), new_architecture)
+    measure_into(result, model, dataset.input_shape, latency=latency)
+    write_model(out, model, new_architecture)
     write_log(out, [])
     save_result(out, result)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    return result
+    return RunOutcome(out, result, model)

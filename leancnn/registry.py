@@ -26,6 +26,12 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (tests register throw-away entries and remove them again)."""
+        if name not in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is not registered")
+        del self._entries[name]
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

@@ -32,6 +32,24 @@ def _plan_cache(tmp_path_factory):
     plans.forget_loaded()
 
 
+@pytest.fixture
+def register_test_method():
+    """Register throw-away methods for one test; they are unregistered after it, so that the
+    registry's contract tests (collected from METHODS) never see them."""
+    from leancnn.methods.base import METHODS, register_method
+
+    names: list[str] = []
+
+    def register(cls):
+        register_method(cls)
+        names.append(cls.name)
+        return cls
+
+    yield register
+    for name in names:
+        METHODS.unregister(name)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist():
     try:

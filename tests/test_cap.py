@@ -83,7 +83,7 @@ def test_compress_with_cap_meets_the_mac_target(synthetic_vgg, tmp_path, ranks):
 
     out = tmp_path / ranks
     result = compress_run(synthetic_vgg.run_dir, [f"cap:macs=0.5,ranks={ranks},steps=5"], epochs=1, out=out,
-                          progress=False, latency=False)
+                          progress=False, latency=False).result
     assert result.macs_dense <= 0.5 * synthetic_vgg.result.macs_dense
     model, architecture = load_run(out)
     ranks_chosen = result.extra["compress"]["cap_ranks"]
@@ -139,3 +139,33 @@ def test_identity_projections_reconstruct_every_layer_exactly(name):
         assert set(objective.targets) == {g.consumer for g in groups}   # every consumer is compared
         assert all((t ** 2).mean() > 0 for t in objective.targets.values())
     objective.close()
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet20"])
+def test_kernel_relax_moves_exactly_the_projected_layers_kernels(name):
+    """relax=false trains only the projections; relax=true also the producers' and consumers'
+    kernels (and their biases), and nothing else of the network."""
+    from leancnn.data import BatchLoader, load_dataset
+    from leancnn.methods.cap import CaP, CaPOptions
+
+    model = trained_like(name)
+    groups = channel_groups(model)
+    folded = copy.deepcopy(model)
+    for group in groups:
+        fold_batchnorm(folded.get_submodule(group.producer))
+    dataset = load_dataset("synthetic")
+    loader = BatchLoader(dataset.train_images[:256], dataset.train_labels[:256], 64, shuffle=True, seed=0)
+    layers = {g.consumer for g in groups} | {f"{g.producer}.0" for g in groups}
+    before = {key: value.clone() for key, value in folded.state_dict().items()}
+    for relax in (False, True):
+        generator = torch.Generator().manual_seed(3)
+        projections = [torch.nn.Parameter(retract(torch.randn(folded.get_submodule(g.producer)[0].out_channels,
+                                                              2, generator=generator))) for g in groups]
+        start = [p.detach().clone() for p in projections]
+        optimised = CaP(CaPOptions(steps=3, relax=relax)).optimise(folded, groups, projections, loader, lr=0.05)
+        after = optimised.state_dict()
+        moved = {key.rsplit(".", 1)[0] for key in before if not torch.equal(before[key], after[key])}
+        assert moved == (layers if relax else set()), relax
+        assert all(not torch.equal(a, p) for a, p in zip(start, projections))   # the projections moved too
+    assert folded.state_dict().keys() == before.keys() and all(
+        torch.equal(before[k], v) for k, v in folded.state_dict().items())      # the input is left alone

@@ -140,7 +140,7 @@ def test_compress_vip_auto_respects_max_drop(synthetic_vgg, tmp_path):
     from leancnn.compress import compress_run
 
     result = compress_run(synthetic_vgg.run_dir, ["vip:layers=auto,max_drop=0.05,per_round=1,rounds=2"], epochs=0,
-                          out=tmp_path / "auto", progress=False, latency=False)
+                          out=tmp_path / "auto", progress=False, latency=False).result
     notes = result.extra["compress"]
     chosen, rounds, base = notes["vip_layers"], notes["vip_rounds"], notes["vip_base_accuracy"]
     ranked = list(notes["vip_sensitivity"])
@@ -170,7 +170,7 @@ def test_l1prune_halves_macs_and_reloads(synthetic_vgg, tmp_path):
     from leancnn.runs import load_run
 
     result = compress_run(synthetic_vgg.run_dir, ["l1prune:macs=0.5"], epochs=1, out=tmp_path / "l1",
-                          progress=False, latency=False)
+                          progress=False, latency=False).result
     ratio = result.macs_dense / synthetic_vgg.result.macs_dense
     assert 0.35 < ratio <= 0.5
     model, _ = load_run(tmp_path / "l1")

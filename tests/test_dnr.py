@@ -152,7 +152,7 @@ def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_p
     base = train_run(tiny_config(tmp_path, epochs=1), progress=False)
     out = tmp_path / "pruned"
     result = compress_run(base.run_dir, ["magprune:density=0.1,steps=2"], epochs=1, out=out, progress=False,
-                          latency=False)
+                          latency=False).result
     model, _ = load_run(out)
     original = base.model
     for name, module in prunable(model):

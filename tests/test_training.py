@@ -9,8 +9,7 @@ import torch
 from leancnn.errors import TrainingDiverged
 from leancnn.experiment import prepare_data, train_run
 from leancnn.io import load_tensors
-from leancnn.methods import Method, register_method
-from leancnn.methods.base import METHODS
+from leancnn.methods import Method
 from leancnn.runs import RESULT_KEYS, RunResult, list_runs, load_run, read_result, save_result
 from leancnn.train import evaluate
 from leancnn.train.schedules import learning_rate
@@ -52,9 +51,8 @@ class _NanAtEpoch2(Method):
         return None
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    if _NanAtEpoch2.name not in METHODS:
-        register_method(_NanAtEpoch2)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, register_test_method):
+    register_test_method(_NanAtEpoch2)
     config = tiny_config(tmp_path, epochs=3, methods=[_NanAtEpoch2.name])
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2.*last good checkpoint \(epoch 1\)"):
         train_run(config, progress=False)

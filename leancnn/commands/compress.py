@@ -29,10 +29,11 @@ class Compress(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else None
-        result = compress_run(Path(args.run), args.methods, epochs=args.epochs, out=out, lr=args.lr,
-                              progress=not args.no_progress, latency=not args.no_latency)
-        if result is None:
+        outcome = compress_run(Path(args.run), args.methods, epochs=args.epochs, out=out, lr=args.lr,
+                               progress=not args.no_progress, latency=not args.no_latency)
+        if outcome is None:
             return 0
+        result = outcome.result
         if args.json:
             print_json({"run_dir": str(out), **result.as_dict()})
             return 0

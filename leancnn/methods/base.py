@@ -66,6 +66,9 @@ class Method:
     aliases: ClassVar[dict[str, dict[str, str]]] = {}
     # The strengths `leancnn bench` tries by default (specs); empty: not benched.
     bench_specs: ClassVar[list[str]] = []
+    # Specs the method contract (tests/test_method_contract.py) checks on every test model:
+    # cheap settings that still reach each code path (modes, attacks, relaxations).
+    test_specs: ClassVar[list[str]] = []
     # True for methods that act on a trained run (`leancnn compress`), not before training.
     post_training: ClassVar[bool] = False
     # False for methods too slow to train for `leancnn bench --quick` (the full bench has them).

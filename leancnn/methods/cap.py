@@ -17,6 +17,9 @@ reads r channels, W' P. The result is an ordinary thinner dense model.
    to its target's mean square, so gamma weighs every layer the same).
    P stays on the Stiefel manifold: the gradient is projected onto the tangent
    space, the step taken, and P retracted by the SVD (P = U V^T).
+   With `relax=true` (the paper's full method, "projection & kernel relax") the
+   producers' and consumers' kernels are optimised with the projections, by plain
+   gradient steps of the same size; otherwise only the projections move.
 3. Ranks meet the MAC target either uniformly (the same kept fraction for every
    group) or by energy (each group keeps the smallest rank holding a fraction
    of its feature energy, the fraction chosen to meet the target).
@@ -58,6 +61,7 @@ class CaPOptions:
     steps: int = 100                                # joint projection-optimisation steps
     lr: float = 0.0                                 # step size on the manifold; 0 = choose from LR_CHOICES
     gamma: float = 1.0                              # weight of next-layer feature reconstruction
+    relax: bool = False                             # also update the compressed kernels (projection & kernel relax)
     sample_batches: int = 8                         # batches of 128 images for the principal directions
     widths: str = ""                                # set by compress, to rebuild the architecture
 
@@ -226,6 +230,7 @@ class CaP(Method):
 
     name = "cap"
     Options = CaPOptions
+    test_specs = ["cap:macs=0.5,steps=3,lr=0.01", "cap:macs=0.5,ranks=energy,steps=3,lr=0.01,relax=true"]
     post_training = True
 
     def validate(self) -> None:
@@ -260,8 +265,8 @@ class CaP(Method):
         best = None
         for lr in ([self.options.lr] if self.options.lr > 0 else LR_CHOICES):
             projections = [nn.Parameter(aligned_basis(vectors, rank)) for (vectors, _), rank in zip(spectra, ranks)]
-            self.optimise(folded, groups, projections, loader, context, lr)
-            merged = merge_projections(copy.deepcopy(folded), groups, [p.detach() for p in projections])
+            optimised = self.optimise(folded, groups, projections, loader, lr)
+            merged = merge_projections(optimised, groups, [p.detach() for p in projections])
             accuracy = context.accuracy(merged) if self.options.lr == 0 else 0.0
             if best is None or accuracy > best[0]:
                 best = (accuracy, lr, merged)
@@ -274,12 +279,15 @@ class CaP(Method):
         return merged, CaP(CaPOptions(**{**self.options.__dict__, "lr": lr, "widths": widths}))
 
     def optimise(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter],
-                 loader, context, lr: float) -> None:
+                 loader, lr: float) -> nn.Module:
+        """Optimise `projections` in place; returns the folded network the projections are merged
+        into (a copy, with the relaxed kernels when `relax`)."""
         if self.options.steps == 0:
-            return
+            return copy.deepcopy(folded)
         for projection in projections:
             projection.requires_grad_(True)
-        objective = Reconstruction(folded, groups, projections)
+        objective = Reconstruction(folded, groups, projections, relax=self.options.relax)
+        trained = projections + objective.kernels
         step = 0
         epoch = 0
         try:
@@ -288,16 +296,19 @@ class CaP(Method):
                 for images, labels in loader:
                     logits, reconstruction = objective(images)
                     loss = nn.functional.cross_entropy(logits, labels) + self.options.gamma * reconstruction
-                    grads = torch.autograd.grad(loss, projections)
+                    grads = torch.autograd.grad(loss, trained)
                     with torch.no_grad():
                         for projection, grad in zip(projections, grads):
                             projection.copy_(stiefel_step(projection, grad, lr))
+                        for kernel, grad in zip(objective.kernels, grads[len(projections):]):
+                            kernel.sub_(lr * grad)
                     step += 1
                     if step >= self.options.steps:
                         break
                 epoch += 1
         finally:
             objective.close()
+        return objective.relaxed()
 
 
 class Reconstruction:
@@ -305,17 +316,27 @@ class Reconstruction:
     groups of each consumer's squared output error against the same consumer in the folded
     network (the function the original computes, with its batch norms folded as the projected
     side has them), divided by that target's mean square so that every layer weighs the same
-    whatever its size and scale. At full-rank identity projections it is exactly 0."""
+    whatever its size and scale. At full-rank identity projections it is exactly 0.
+    With `relax`, the producers' and consumers' kernels (`kernels`) are trained too."""
 
-    def __init__(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor]) -> None:
+    def __init__(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor],
+                 relax: bool = False) -> None:
         self.reference = folded
         self.projected = copy.deepcopy(folded)
-        # The consumers' own layers, found before the projections wrap them (in a chain a consumer
-        # is also the next producer, whose wrapped output is already compressed).
+        # The producers' and consumers' own layers, found before the projections wrap them (in a
+        # chain a consumer is also the next producer, whose wrapped output is already compressed).
         consumers = [self.projected.get_submodule(g.consumer) for g in groups]
+        self.layers = {g.consumer: module for g, module in zip(groups, consumers)}
+        self.layers.update({f"{g.producer}.0": self.projected.get_submodule(g.producer)[0] for g in groups})
         insert_projections(self.projected, groups, projections).eval()
+        kept = {id(p) for p in projections}
+        self.kernels: list[nn.Parameter] = []
+        if relax:
+            unique = {id(p): p for layer in self.layers.values() for p in layer.parameters()}
+            self.kernels = list(unique.values())
+            kept |= set(unique)
         for parameter in self.projected.parameters():
-            if not any(parameter is projection for projection in projections):
+            if id(parameter) not in kept:
                 parameter.requires_grad_(False)
         self.targets: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -331,6 +352,13 @@ class Reconstruction:
         terms = [((self.outputs[n] - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12)
                  for n, target in self.targets.items()]
         return logits, sum(terms)
+
+    def relaxed(self) -> nn.Module:
+        """A copy of the folded network holding the (possibly relaxed) kernels of the projected side."""
+        model = copy.deepcopy(self.reference)
+        for name, layer in self.layers.items():
+            model.get_submodule(name).load_state_dict(layer.state_dict())
+        return model
 
     def close(self) -> None:
         for hook in self.hooks:

@@ -25,6 +25,7 @@ class CSR(Method):
 
     name = "csr"
     Options = CSROptions
+    test_specs = ["csr:T=2"]
     bench_specs = ["csr:T=2", "csr:T=4"]
     # Its T sequential convolutions train at half the dense model's speed: the quick bench
     # (make demo) would spend a third of its time on it. The full bench has it.

@@ -121,6 +121,8 @@ class DNR(Method):
 
     name = "dnr"
     Options = DNROptions
+    test_specs = ["dnr:density=0.1,attack=none", "dnr:density=0.2,attack=pgd,steps=2,eval_images=32",
+                  "dnr:density=0.5,mode=channel,attack=none"]
     # The first (sparse training alone) is what --quick runs; the second trains against PGD (about 8x the cost).
     bench_specs = ["dnr:density=0.05,attack=none", "dnr:density=0.05"]
 

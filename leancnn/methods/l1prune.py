@@ -58,6 +58,7 @@ class L1Prune(Method):
 
     name = "l1prune"
     Options = L1PruneOptions
+    test_specs = ["l1prune:macs=0.5"]
     post_training = True
 
     def validate(self) -> None:

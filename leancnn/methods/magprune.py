@@ -32,6 +32,7 @@ class MagPrune(DNR):
 
     name = "magprune"
     Options = MagPruneOptions
+    test_specs = ["magprune:density=0.2,attack=fgsm,eval_images=32"]
     post_training = True
     bench_specs: list[str] = []
 

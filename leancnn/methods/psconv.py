@@ -35,6 +35,7 @@ class PSConv(Method):
 
     name = "psconv"
     Options = PSConvOptions
+    test_specs = ["PS4_P4", "PSD2_P8"]
     bench_specs = ["PS4_P4", "PSD2_P8", "PS1_P9"]
 
     @classmethod

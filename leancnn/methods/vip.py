@@ -56,6 +56,7 @@ class ViP(Method):
 
     name = "vip"
     Options = ViPOptions
+    test_specs = ["vip:layers=auto,rounds=1,per_round=1,finetune_epochs=0,max_drop=0.9"]
     post_training = True
 
     def validate(self) -> None:
