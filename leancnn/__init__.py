@@ -2,6 +2,7 @@
 from .version import __version__  # noqa: E402
 
 from .deploy import deploy, deploy_plan  # noqa: E402  (the function shadows the submodule name on purpose)
+from .export import export_run  # noqa: E402
 from .measure import count as profile  # noqa: E402
 from .methods import apply_methods, parse_method  # noqa: E402
 from .models import create_model  # noqa: E402
@@ -14,4 +15,4 @@ def apply_method(model, spec: str):
     return model
 
 
-__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "apply_methods", "create_model", "parse_method", "profile", "profile_model"]
+__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "export_run", "apply_methods", "create_model", "parse_method", "profile", "profile_model"]

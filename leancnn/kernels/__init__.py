@@ -66,8 +66,35 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
         warnings.warn(f"leancnn: the compiled pSConv kernel is unavailable ({first_line}); "
                       "using the masked dense convolution", RuntimeWarning, stacklevel=2)
         module = None
+    if module is not None:
+        _register_operator_shapes()
     _state["psconv"] = module
     return module
+
+
+def kernel_library() -> Path | None:
+    """The built kernel library (a shared object): `torch.ops.load_library` on it registers
+    `torch.ops.leancnn.sparse_conv` in a process that has torch and nothing of leancnn."""
+    if psconv_extension() is None:
+        return None
+    found = sorted(cache_dir().glob("leancnn_psconv*.so"))
+    return found[0] if found else None
+
+
+def _register_operator_shapes() -> None:
+    """The fake (shape-only) implementation of leancnn::sparse_conv, for torch.compile and
+    torch.export: [N, C_out, ceil(H / stride), ceil(W / stride)], channels_last, like the kernel."""
+    if "fake" in _state:
+        return
+
+    @torch.library.register_fake("leancnn::sparse_conv")
+    def _sparse_conv_shape(input, weights, channels, taps, chunk_slot, chunk_group, segment_pair, bias, position,
+                           stride, relu, residual, pass_blocks, serial):
+        n, _, h, w = input.shape
+        return torch.empty((n, position.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=input.dtype,
+                           device=input.device, memory_format=torch.channels_last)
+
+    _state["fake"] = True
 
 
 def main() -> None:

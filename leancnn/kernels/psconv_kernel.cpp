@@ -390,6 +390,18 @@ std::string isa() { return isa_name(detect()); }
 }  // namespace
 }  // namespace leancnn
 
+// The same kernel as a PyTorch operator, so that graph tools (torch.compile, torch.export,
+// TorchScript) see it as one opaque node; its shape function (fake implementation) is
+// registered from Python (leancnn/kernels/ops.py). Loading this library with
+// torch.ops.load_library is all an exported program needs to run it.
+TORCH_LIBRARY(leancnn, m) {
+  m.def("sparse_conv(Tensor input, Tensor weights, Tensor channels, Tensor taps, Tensor chunk_slot, "
+        "Tensor chunk_group, Tensor segment_pair, Tensor bias, Tensor position, int stride, bool relu, "
+        "Tensor? residual, int pass_blocks, bool serial) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(leancnn, CPU, m) { m.impl("sparse_conv", &leancnn::forward); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &leancnn::forward,
         "sparse 3x3 inference (channels_last, padding 1; optional residual added before the ReLU; pass_blocks: "

@@ -119,6 +119,11 @@ def as_3x3(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def capturing_graph() -> bool:
+    """True while torch.compile / torch.export or TorchScript tracing runs the model."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class SparseConvInference(nn.Module):
     """A masked convolution (+ bias, + optional residual, + optional ReLU) for inference, run by
     its measured plan: the compiled kernel or the dense convolution. `weight` [C_out, C_in, k, k]
@@ -170,10 +175,12 @@ class SparseConvInference(nn.Module):
     def kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None, pass_blocks: int = 0,
                serial: bool = False) -> torch.Tensor:
         """The compiled kernel (channels_last inside; the output in x's memory format)."""
-        out = psconv_extension().forward(
-            x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
-            self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position, self.stride,
-            self.relu, residual, pass_blocks, serial)
+        # Eager calls go through pybind (about 5 us a call less than the dispatcher); graph tools
+        # (torch.compile, torch.export) need the registered operator, leancnn::sparse_conv.
+        call = torch.ops.leancnn.sparse_conv if capturing_graph() else psconv_extension().forward
+        out = call(x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
+                   self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position,
+                   self.stride, self.relu, residual, pass_blocks, serial)
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
     def kernel_plan(self, x: torch.Tensor, choice: str = "kernel") -> dict:
@@ -222,12 +229,19 @@ class SparseConvInference(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x) + bias [+ residual], then the ReLU if fused: a residual block's add and ReLU ride
         along in the kernel's last pass over the output."""
-        # Tracing (ONNX export, torch.jit) must see ordinary ops: the kernel is opaque to it.
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        if psconv_extension() is None or tracing or x.device.type != "cpu" or x.dtype != torch.float32 \
+        # ONNX must see ordinary ops (the standard convolution this layer equals); torch.compile,
+        # torch.export and TorchScript tracing see the operator leancnn::sparse_conv.
+        if psconv_extension() is None or torch.onnx.is_in_onnx_export() or x.device.type != "cpu" \
+                or x.dtype != torch.float32 \
                 or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) \
                 or (residual is not None and (residual.dtype != torch.float32 or residual.requires_grad)):
             return self.dense(x, residual)
+        if capturing_graph():
+            # A graph is being captured (fake tensors, maybe a symbolic batch: nothing to time, and
+            # no branching on the shape): the plan made last (deploy(example_inputs=...)), else the kernel.
+            planned = list(self._choice.values())
+            return self.run(planned[-1] if planned else ("kernel" if "kernel" in self.choices() else "dense"),
+                            x, residual)
         # The per-call lookup is a tuple (a string key and a tensor op per call cost ~20 us a layer).
         fast_key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), residual is None,
                     torch.get_num_threads())
