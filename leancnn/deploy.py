@@ -16,6 +16,7 @@ import copy
 import torch
 from torch import nn
 
+from .kernels.graph import install_graph_plans
 from .kernels.psconv import PSConvInference, kernel_applies
 from .kernels.sparse import MAX_PLANNED_DENSITY, SparseConvInference, conv_applies
 from .layers.psconv import PSConv2d
@@ -129,17 +130,21 @@ def fuse_residuals(model: nn.Module) -> nn.Module:
     return model
 
 
-def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Tensor] | None = None) -> nn.Module:
+def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Tensor] | None = None,
+           graph: str = "auto") -> nn.Module:
     """The model as it should run for inference on this CPU (a copy, eval mode):
     batch norm folded; with `kernels`, pSConv and pruned convolutions as sparse-kernel
     layers, each running what its deploy plan measured faster on this machine (the
     kernel or the dense convolution; plans are made the first time a layer sees an
-    input shape, batch size, memory format and thread count, and cached on disk).
+    input shape, batch size, memory format and thread count, and cached on disk), and
+    the whole model run eager or as a frozen TorchScript graph, whichever measured
+    faster for the input (`graph`: auto, eager or torchscript; leancnn.kernels.graph).
     `example_inputs`: inputs to plan for now rather than at their first use."""
     model = fold_batchnorm(model)
     if not kernels:
         return model
     model = fuse_residuals(swap_kernel_layers(model))
+    install_graph_plans(model, graph)
     with torch.no_grad():
         for example in example_inputs or []:
             model(example)

@@ -153,6 +153,7 @@ class SparseConvInference(nn.Module):
         self.groups = int(self.packed_chunk_group.max()) + 1 if self.packed_chunk_group.numel() else 0
         self.plans: dict[str, dict] = {}  # plan key -> {"choice", "times_ms", "cached"}
         self._choice: dict[tuple, str] = {}  # (shape, channels_last, no residual, threads) -> choice
+        self._last_choice: str | None = None  # what the last eager call ran: a captured graph runs it
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, relu: bool = False) -> "SparseConvInference":
@@ -238,10 +239,9 @@ class SparseConvInference(nn.Module):
             return self.dense(x, residual)
         if capturing_graph():
             # A graph is being captured (fake tensors, maybe a symbolic batch: nothing to time, and
-            # no branching on the shape): the plan made last (deploy(example_inputs=...)), else the kernel.
-            planned = list(self._choice.values())
-            return self.run(planned[-1] if planned else ("kernel" if "kernel" in self.choices() else "dense"),
-                            x, residual)
+            # no branching on the shape): what the last eager call ran (deploy(example_inputs=...) makes
+            # one), else the kernel.
+            return self.run(self._last_choice or ("kernel" if "kernel" in self.choices() else "dense"), x, residual)
         # The per-call lookup is a tuple (a string key and a tensor op per call cost ~20 us a layer).
         fast_key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), residual is None,
                     torch.get_num_threads())
@@ -250,6 +250,7 @@ class SparseConvInference(nn.Module):
             key = self.plan_key(x, residual)
             self.plans[key] = plans.choose(key, self.implementations(x, residual))
             choice = self._choice[fast_key] = self.plans[key]["choice"]
+        self._last_choice = choice
         return self.run(choice, x, residual)
 
     def plan_summary(self) -> list[dict]:

@@ -1,0 +1,114 @@
+"""Whole-model plans: a deployed model runs each input key (shape, memory format, threads) as
+eager PyTorch or as a frozen TorchScript graph of itself, whichever measured faster on this
+machine the first time the model saw that key, as each sparse layer chooses its kernel.
+
+Why: at batch 1 a small CNN spends most of its time in Python, dispatching one module after
+another (resnet20 at width 0.5, one thread, AMD EPYC Zen 3: eager 3.3 ms, the frozen graph
+1.8 ms; with PS4_P4, 2.6 ms and 0.9 ms). The graph is traced after the layers' own plans are
+made for the key, so it runs the same implementations, minus the interpreter between them.
+A model that cannot be traced runs eager, with one warning saying why.
+
+The choice lives in the process (a traced graph cannot be cached on disk across torch builds
+cheaply); tracing and timing take about a second per new key.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import plans
+from .sparse import capturing_graph
+
+GRAPH_MODES = ("auto", "eager", "torchscript")
+
+
+class GraphPlans:
+    """What a deployed model's forward calls: chooses, per input key, eager or the frozen graph.
+    `eager_forward`: the model class's own forward."""
+
+    def __init__(self, model: nn.Module, eager_forward, mode: str = "auto") -> None:
+        if mode not in GRAPH_MODES:
+            raise ValueError(f"graph must be one of {', '.join(GRAPH_MODES)}, not {mode!r}")
+        self.model = model
+        self.eager_forward = eager_forward
+        self.mode = mode
+        self.runs: dict[tuple, Any] = {}
+        self.plans: dict[str, dict] = {}
+
+    def eager(self, *args, **kwargs):
+        return self.eager_forward(self.model, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if (self.mode == "eager" or not isinstance(x, torch.Tensor) or capturing_graph() or x.requires_grad
+                or x.device.type != "cpu" or torch.onnx.is_in_onnx_export()):
+            return self.eager(*args, **kwargs)
+        key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), torch.get_num_threads())
+        run = self.runs.get(key)
+        if run is None:
+            run = self.runs[key] = self._plan(x, key)
+        with torch.no_grad():
+            return run(x)
+
+    def _plan(self, x: torch.Tensor, key: tuple):
+        name = f"batch={key[0][0]} input={'x'.join(map(str, key[0][1:]))} " \
+               f"{'channels_last' if key[1] else 'contiguous'} threads={key[2]}"
+        with torch.no_grad():
+            self.eager(x)   # the layers' plans for this key first: the graph bakes in their choices
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # TorchScript's deprecation and tracer notes
+                    graph = torch.jit.freeze(torch.jit.trace(self.model, (x,), check_trace=False).eval())
+                    graph(x)  # the profiling executor specialises on its first calls
+            except Exception as error:  # noqa: BLE001  (any tracing failure: run eager, say why)
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                warnings.warn(f"leancnn: {type(self.model).__name__} runs eager: TorchScript cannot trace it "
+                              f"({type(error).__name__}: {first[:200]})", RuntimeWarning, stacklevel=3)
+                self.plans[name] = {"choice": "eager", "times_ms": {}, "reason": first[:200]}
+                return self.eager
+            if self.mode == "torchscript":
+                self.plans[name] = {"choice": "torchscript", "times_ms": {}}
+                return graph
+            times = plans.time_candidates({"eager": lambda: self.eager(x), "torchscript": lambda: graph(x)})
+        choice = min(times, key=times.get)
+        self.plans[name] = {"choice": choice, "times_ms": times}
+        return graph if choice == "torchscript" else self.eager
+
+    def __deepcopy__(self, memo):
+        # A copy re-plans: traced graphs hold the original's frozen weights.
+        return GraphPlans(copy.deepcopy(self.model, memo), self.eager_forward, self.mode)
+
+
+_DEPLOYED_CLASSES: dict[type, type] = {}
+
+
+def _deployed_class(cls: type) -> type:
+    """`cls` with a forward that goes through the model's GraphPlans: same name, modules and state
+    dict, and a real method, so torch.export and TorchScript see an ordinary module."""
+    if cls not in _DEPLOYED_CLASSES:
+        def forward(self, x):
+            return self.leancnn_graph_plans(x)
+
+        _DEPLOYED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                              "eager_forward": cls.forward})
+    return _DEPLOYED_CLASSES[cls]
+
+
+def install_graph_plans(model: nn.Module, mode: str = "auto") -> nn.Module:
+    """Make `model(x)` run through GraphPlans; module names and state dicts are unchanged."""
+    cls = type(model)
+    eager_forward = getattr(cls, "eager_forward", cls.forward)   # installed twice: keep the original
+    if cls not in _DEPLOYED_CLASSES.values():
+        model.__class__ = _deployed_class(cls)
+    model.leancnn_graph_plans = GraphPlans(model, eager_forward, mode)
+    return model
+
+
+def graph_plan(model: nn.Module) -> list[dict]:
+    """What the whole model ran for each input key it has seen: eager or torchscript, with the times."""
+    runner = getattr(model, "leancnn_graph_plans", None)
+    return [{"key": key, **plan} for key, plan in runner.plans.items()] if isinstance(runner, GraphPlans) else []
