@@ -140,6 +140,11 @@ LATENCY_ROUNDS = 5   # rounds of timing that take turns between the candidates
 LATENCY_RUNS = {1: 10, 64: 3}   # timed runs per candidate, batch size and round
 
 
+def settled_plan(plan: list[dict] | None) -> list[dict]:
+    """What each layer runs and why; whether a plan came from the cache is not a change."""
+    return [{k: v for k, v in entry.items() if k != "cached"} for entry in plan or []]
+
+
 def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, profile_batch: int = 1) -> None:
     """Latency at batch 1 and 64 of every finished candidate's deployed model (batch norm folded,
     sparse layers on their measured plans), the faster memory format: timed in rounds that take
@@ -167,7 +172,7 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
         row["deploy_plan"] = deploy_plan(model)
         row["layer_times"] = layer_times(model, shape, batch_size=profile_batch, threads=threads)
         stored = read_result(Path(row["run_dir"]))
-        if stored.extra.get("deploy_plan") != row["deploy_plan"]:  # a finished run is rewritten only when it changed
+        if settled_plan(stored.extra.get("deploy_plan")) != settled_plan(row["deploy_plan"]):  # rewritten only when changed
             stored.extra["deploy_plan"] = row["deploy_plan"]
             save_result(Path(row["run_dir"]), stored)
 

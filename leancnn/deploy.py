@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernels.graph import install_graph_plans
 from .kernels.psconv import PSConvInference, kernel_applies
-from .kernels.sparse import MAX_PLANNED_DENSITY, SparseConvInference, conv_applies
+from .kernels.sparse import SparseConvInference, conv_applies
 from .layers.psconv import PSConv2d
 from .models.resnet import BasicBlock
 from .surgery import replace_module
@@ -64,13 +64,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def _kernel_layer(layer: nn.Module, relu: bool) -> nn.Module | None:
     """The inference layer for `layer` if the sparse kernel may run it: a pSConv layer, or a
-    plain convolution with zeros in its weight (a pruned or masked one); else None."""
+    plain 3x3 / 1x1 convolution, pruned, masked or dense (its plan may still pick oneDNN); else None."""
     if kernel_applies(layer):
         return PSConvInference(layer, relu=relu)
     if type(layer) is nn.Conv2d and conv_applies(layer) and layer.weight.numel():
-        density = float((layer.weight != 0).float().mean())
-        if density <= MAX_PLANNED_DENSITY:
-            return SparseConvInference.from_conv(layer, relu=relu)
+        return SparseConvInference.from_conv(layer, relu=relu)
     return None
 
 

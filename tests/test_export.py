@@ -54,7 +54,7 @@ def test_pt2_runs_in_a_process_without_leancnn_and_matches_the_run(psconv_run, t
     assert card["macs_effective"] == psconv_run.result.macs_effective and card["planned_for_batch"] == 1
     if psconv_extension() is not None:   # the graph runs the sparse kernel, shipped beside the file
         assert card["kernel_library"] == "model.pt2.kernels.so" and (tmp_path / card["kernel_library"]).is_file()
-        assert len(card["deploy_plan"]) == 18   # resnet20's 3x3 convolutions but the stem, each planned
+        assert len(card["deploy_plan"]) == 21   # resnet20's 19 3x3 and 2 1x1 convolutions, each planned
     images = fresh_images(psconv_run.run_dir, 5)      # another batch size than the one planned for
     save_tensors(tmp_path / "images.safetensors", {"images": images})
     done = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, timeout=300)

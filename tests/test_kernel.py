@@ -109,8 +109,11 @@ def test_deploy_fuses_residual_blocks_whose_second_conv_runs_on_the_kernel():
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), rtol=1e-4, atol=1e-4)
-    dense = deploy(leancnn.create_model("resnet20", in_channels=1, width=0.25))
-    assert not any(isinstance(m, KernelResidualBlock) for m in dense.modules())   # nothing to fuse
+    dense_model = leancnn.create_model("resnet20", in_channels=1, width=0.25).eval()
+    dense = deploy(dense_model)   # a dense model's blocks fuse too: their convolutions are kernel layers
+    assert sum(isinstance(m, KernelResidualBlock) for m in dense.modules()) == 9
+    with torch.no_grad():
+        assert torch.allclose(dense(x), dense_model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_matches_masked_dense_convolution(kernel_isa):

@@ -186,8 +186,8 @@ def test_deploy_swaps_pruned_convolutions_and_records_their_plans():
     x = torch.rand(2, 1, 28, 28)
     deployed = deploy(model, example_inputs=[x])
     swapped = {name: m for name, m in deployed.named_modules() if isinstance(m, SparseConvInference)}
-    # every 3x3 conv but the stem (18) and the two 1x1 shortcut convs
-    assert len(swapped) == 20
+    # every 3x3 conv (the dense stem too: the kernel is a candidate at any density) and the two 1x1 shortcuts
+    assert len(swapped) == 21 and swapped["features.0.0"].density == 1.0
     assert sum(isinstance(m, KernelResidualBlock) for m in deployed.modules()) == 9
     plan = deploy_plan(deployed)
     assert {row["layer"] for row in plan} == set(swapped)
@@ -195,9 +195,14 @@ def test_deploy_swaps_pruned_convolutions_and_records_their_plans():
                for row in plan)
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), rtol=1e-4, atol=1e-4)
-    # the dense model has no zeros: nothing swapped, nothing planned
-    dense = deploy(leancnn.create_model("resnet20", in_channels=1, width=0.5))
-    assert not any(isinstance(m, SparseConvInference) for m in dense.modules()) and deploy_plan(dense) == []
+    # a dense model's layers are planned too, each between oneDNN and the kernel at density 1
+    dense_model = leancnn.create_model("resnet20", in_channels=1, width=0.5).eval()
+    dense = deploy(dense_model, example_inputs=[x])
+    rows = deploy_plan(dense)
+    assert len(rows) == 21 and all(row["density"] == 1.0 and {"dense", "kernel"} <= set(row["times_ms"])
+                                   for row in rows)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), dense_model(x), rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel
@@ -214,7 +219,8 @@ def test_deployed_dnr_model_predicts_like_the_trained_one(tmp_path, fashion_mnis
     model, _ = load_run(tmp_path / "run")
     deployed = deploy(model)
     layers = [m for m in deployed.modules() if isinstance(m, SparseConvInference)]
-    assert len(layers) == 20 and all(m.density < 0.2 for m in layers)
+    # the 20 pruned layers, and the dense stem (planned too, at density 1)
+    assert len(layers) == 21 and sorted(m.density < 0.2 for m in layers) == [False] + [True] * 20
     for layer in layers:  # the kernel itself, whatever a plan would pick
         layer.forward = (lambda layer: lambda x, residual=None: layer.kernel(x, residual))(layer)
     images = fashion_mnist.test_images.float() / 255.0
@@ -233,12 +239,13 @@ def test_profile_deploy_shows_what_each_pruned_layer_runs(capsys):
     assert code == 0
     output = json.loads(capsys.readouterr().out)
     planned = [layer for layer in output["layers"] if "runs" in layer]
-    assert len(planned) == 20 and {row["layer"] for row in output["deploy_plan"]} == {l["name"] for l in planned}
+    # the 20 pruned layers and the dense stem
+    assert len(planned) == 21 and {row["layer"] for row in output["deploy_plan"]} == {l["name"] for l in planned}
     for layer in planned:  # the batch-1 plan of the profile's own pass: the fastest candidate, and dense's time
         assert layer["runs"] in _any_layer().choices() and layer["runs_ms"] <= layer["dense_ms"]
     assert all("batch=1 " in row["key"] for row in output["deploy_plan"])
     assert main(["profile", "--model", "resnet20", "--input", "1x16x16", "--width", "0.25", "--deploy"]) == 0
-    assert "runs (batch 1)" not in capsys.readouterr().out  # a dense model has nothing planned: no column
+    assert "runs (batch 1)" in capsys.readouterr().out  # a dense model's layers are planned too
 
 
 def _any_layer() -> SparseConvInference:

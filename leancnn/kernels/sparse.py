@@ -38,8 +38,6 @@ CHANNEL_BLOCK = 16
 # spares a small layer at batch 1 the four thread wake-ups and joins of a call (there 2 threads
 # ran a pruned resnet18 slower than 1).
 PASS_CHOICES = {"kernel": (0, False), "kernel-pass1": (1, False), "kernel-pass1-serial": (1, True)}
-# Layers denser than this keep the dense convolution without planning: the kernel cannot win.
-MAX_PLANNED_DENSITY = 0.9
 
 
 def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
@@ -202,7 +200,9 @@ class SparseConvInference(nn.Module):
     def choices(self) -> list[str]:
         # oneDNN in the other memory format converts in and out: honest, rarely faster.
         names = ["dense", "dense-other-format"]
-        if psconv_extension() is not None and self.density <= MAX_PLANNED_DENSITY:
+        # The kernel is a candidate at every density: at batch 1 it beat oneDNN even on dense
+        # layers (resnet20 w1 dense, 1 thread, AMD EPYC Zen 3: 3.9 -> 2.5 ms; docs/deploy.md).
+        if psconv_extension() is not None:
             names += list(PASS_CHOICES)
         return names
 
@@ -268,8 +268,10 @@ class SparseConvInference(nn.Module):
         tables = self.packed_chunk_slot.numel() + self.packed_chunk_group.numel() + self.packed_segment_pair.numel()
         storage = self.packed_weights.numel() * FP32_BYTES + bias * FP32_BYTES \
             + self.packed_channels.numel() * index_bytes + tables * 4
-        return LayerCost(self.weight.numel() * uses, kept * uses, self.weight.numel() + bias, nonzero, storage,
-                         self.storage_format)
+        dense = (self.weight.numel() + bias) * FP32_BYTES
+        # A dense (or nearly dense) layer ships its plain weights, smaller than values plus indices.
+        return LayerCost(self.weight.numel() * uses, kept * uses, self.weight.numel() + bias, nonzero,
+                         min(storage, dense), self.storage_format if storage < dense else "dense")
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -19,7 +19,9 @@ reads r channels, W' P. The result is an ordinary thinner dense model.
    space, the step taken, and P retracted by the SVD (P = U V^T).
    With `relax=true` (the paper's full method, "projection & kernel relax") the
    producers' and consumers' kernels are optimised with the projections, by plain
-   gradient steps of the same size; otherwise only the projections move.
+   gradient steps (`relax_lr`, by default a tenth of the projections' step: at the same
+   size resnet20's kernels diverged within 100 steps); otherwise only the projections move.
+   A step size whose loss turns non-finite is abandoned and scored as failed.
 3. Ranks meet the MAC target either uniformly (the same kept fraction for every
    group) or by energy (each group keeps the smallest rank holding a fraction
    of its feature energy, the fraction chosen to meet the target).
@@ -62,6 +64,7 @@ class CaPOptions:
     lr: float = 0.0                                 # step size on the manifold; 0 = choose from LR_CHOICES
     gamma: float = 1.0                              # weight of next-layer feature reconstruction
     relax: bool = False                             # also update the compressed kernels (projection & kernel relax)
+    relax_lr: float = 0.0                           # kernels' step size with relax; 0 = a tenth of the projections'
     sample_batches: int = 8                         # batches of 128 images for the principal directions
     widths: str = ""                                # set by compress, to rebuild the architecture
 
@@ -237,9 +240,9 @@ class CaP(Method):
         o = self.options
         if not 0 < o.macs <= 1:
             raise ConfigError(f"method 'cap': macs must be in (0, 1] (a fraction of the dense MACs), got {o.macs}")
-        if o.steps < 0 or o.lr < 0 or o.gamma < 0 or o.sample_batches < 1:
-            raise ConfigError("method 'cap': steps >= 0, lr >= 0 (0 = chosen), gamma >= 0 and sample_batches >= 1 "
-                              "are required")
+        if o.steps < 0 or o.lr < 0 or o.gamma < 0 or o.sample_batches < 1 or o.relax_lr < 0:
+            raise ConfigError("method 'cap': steps >= 0, lr >= 0 (0 = chosen), relax_lr >= 0, gamma >= 0 and "
+                              "sample_batches >= 1 are required")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if not self.options.widths:
@@ -266,12 +269,19 @@ class CaP(Method):
         for lr in ([self.options.lr] if self.options.lr > 0 else LR_CHOICES):
             projections = [nn.Parameter(aligned_basis(vectors, rank)) for (vectors, _), rank in zip(spectra, ranks)]
             optimised = self.optimise(folded, groups, projections, loader, lr)
+            if optimised is None:   # the loss turned non-finite at this step size
+                context.log(f"cap: step size {lr}: diverged")
+                continue
             merged = merge_projections(optimised, groups, [p.detach() for p in projections])
             accuracy = context.accuracy(merged) if self.options.lr == 0 else 0.0
             if best is None or accuracy > best[0]:
                 best = (accuracy, lr, merged)
             if self.options.lr == 0:
                 context.log(f"cap: step size {lr}: {100 * accuracy:.2f}% on held-out training images")
+        if best is None:
+            raise ConfigError(f"method 'cap': the projection optimisation diverged at every step size tried "
+                              f"({', '.join(map(str, [self.options.lr] if self.options.lr > 0 else LR_CHOICES))}); "
+                              f"give a smaller lr= (or relax_lr=)")
         _, lr, merged = best
         widths = "+".join(f"{g.producer}:{r}" for g, r in zip(groups, ranks))
         context.notes["cap_ranks"] = dict(zip([g.producer for g in groups], ranks))
@@ -279,15 +289,16 @@ class CaP(Method):
         return merged, CaP(CaPOptions(**{**self.options.__dict__, "lr": lr, "widths": widths}))
 
     def optimise(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter],
-                 loader, lr: float) -> nn.Module:
+                 loader, lr: float) -> nn.Module | None:
         """Optimise `projections` in place; returns the folded network the projections are merged
-        into (a copy, with the relaxed kernels when `relax`)."""
+        into (a copy, with the relaxed kernels when `relax`), or None if the loss turned non-finite."""
         if self.options.steps == 0:
             return copy.deepcopy(folded)
         for projection in projections:
             projection.requires_grad_(True)
         objective = Reconstruction(folded, groups, projections, relax=self.options.relax)
         trained = projections + objective.kernels
+        kernel_lr = self.options.relax_lr or lr / 10
         step = 0
         epoch = 0
         try:
@@ -296,12 +307,14 @@ class CaP(Method):
                 for images, labels in loader:
                     logits, reconstruction = objective(images)
                     loss = nn.functional.cross_entropy(logits, labels) + self.options.gamma * reconstruction
+                    if not torch.isfinite(loss):
+                        return None
                     grads = torch.autograd.grad(loss, trained)
                     with torch.no_grad():
                         for projection, grad in zip(projections, grads):
                             projection.copy_(stiefel_step(projection, grad, lr))
                         for kernel, grad in zip(objective.kernels, grads[len(projections):]):
-                            kernel.sub_(lr * grad)
+                            kernel.sub_(kernel_lr * grad)
                     step += 1
                     if step >= self.options.steps:
                         break
