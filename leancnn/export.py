@@ -57,7 +57,7 @@ def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[bool, list[dict]]:
-    deployed = deploy(model, example_inputs=[example])
+    deployed = deploy(model, example_inputs=[example], graph="eager")   # torch.export captures the eager path
     batch = torch.export.Dim("batch", min=1, max=4096)
     # Traced at a batch of at least 2: a batch of 1 would be specialised into the graph.
     traced = example if example.shape[0] > 1 else example.expand(2, *example.shape[1:]).contiguous()
