@@ -1,0 +1,66 @@
+"""Whole-model plans (leancnn.kernels.graph): eager or the frozen graph per input key, chosen by
+measuring; a model TorchScript cannot trace runs eager with one warning; hooks see every layer."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+import leancnn
+from leancnn.deploy import deploy
+from leancnn.kernels.graph import graph_plan
+from leancnn.measure import count
+
+
+class _ReturnsAName(nn.Module):
+    """A model whose output TorchScript's tracer refuses (a string in it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return {"logits": self.conv(x).mean((2, 3)), "unit": "logit"}
+
+
+def test_each_input_key_runs_what_measured_faster_and_matches_eager():
+    torch.manual_seed(0)
+    model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS4_P4").eval()
+    deployed = deploy(model)
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.rand(batch, 1, 16, 16)
+            assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+    plans = graph_plan(deployed)
+    assert [p["key"].split()[0] for p in plans] == ["batch=1", "batch=3"]
+    for plan in plans:
+        assert set(plan["times_ms"]) == {"eager", "torchscript"}
+        assert plan["choice"] == min(plan["times_ms"], key=plan["times_ms"].get)
+
+
+def test_an_untraceable_model_runs_eager_with_one_warning():
+    model = _ReturnsAName().eval()
+    deployed = deploy(model)
+    x = torch.rand(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = deployed(x)
+            again = deployed(x)      # planned once: no second warning
+    ours = [w for w in caught if "leancnn:" in str(w.message)]
+    assert len(ours) == 1 and "runs eager: TorchScript cannot trace it" in str(ours[0].message)
+    assert "\n" not in str(ours[0].message)
+    with torch.no_grad():
+        assert torch.allclose(out["logits"], model(x)["logits"], atol=1e-6) and again["unit"] == "logit"
+    assert graph_plan(deployed)[0]["choice"] == "eager"
+
+
+def test_counting_a_deployed_model_sees_its_layers_after_it_ran_as_a_graph():
+    torch.manual_seed(0)
+    model = leancnn.create_model("resnet20", in_channels=1, width=0.25).eval()
+    deployed = deploy(model, graph="torchscript")
+    with torch.no_grad():
+        deployed(torch.rand(1, 1, 16, 16))                   # the graph is made for this key
+    profile = count(deployed, (1, 16, 16))                    # hooks: the same key must run eager
+    assert len(profile.layers) > 20 and profile.macs_dense == count(model, (1, 16, 16)).macs_dense
