@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import attack_run
 from .experiment import ensure_run
-from .errors import LeancnnError
+from .errors import LeancnnError, first_line
 from .io import slug, write_json, write_text
 from .deploy import deploy, deploy_plan
 from .measure.latency import cpu_model, fastest_format_latency, layer_times
@@ -158,7 +158,7 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
             model, architecture = load_run(Path(row["run_dir"]))
             models[index] = (deploy(model), tuple(architecture["input_shape"]))
         except (LeancnnError, RuntimeError, ValueError) as exc:   # reported in its row; the others go on
-            row["error"] = f"deploy: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            row["error"] = f"deploy: {first_line(exc)}"
     samples: dict[int, dict[int, list[float]]] = {index: {b: [] for b in LATENCY_RUNS} for index in models}
     for _ in range(LATENCY_ROUNDS):
         for index, (model, shape) in models.items():
@@ -302,7 +302,7 @@ def run_bench(plan: BenchPlan, out: Path, *, progress: bool = True, attacks: lis
                 row["robust"] = attack_run(Path(row["run_dir"]), attacks, test_subset=min(plan.test_subset or 1000, 1000),
                                            progress=progress)
         except (LeancnnError, RuntimeError, ValueError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            message = first_line(exc)
             print(f"    failed: {message}", flush=True)
             row = {"label": candidate.label, "error": message}
         rows.append(row)

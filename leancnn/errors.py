@@ -16,3 +16,9 @@ class ConfigError(LeancnnError):
 
 class TrainingDiverged(LeancnnError):
     """The loss became NaN or infinite."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a
+    one-line error quotes of a library's (often pages-long) message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .deploy import deploy, deploy_plan
-from .errors import LeancnnError
+from .errors import LeancnnError, first_line
 from .io import write_json
 from .kernels import kernel_library
 from .kernels.plans import machine_id
@@ -65,7 +65,7 @@ def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tup
         with torch.no_grad():
             program = torch.export.export(deployed, (traced,), dynamic_shapes=({0: batch},))
     except Exception as error:  # torch.export's errors run to pages: the first line says what failed
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise LeancnnError(f"torch.export cannot capture this model ({type(error).__name__}: {first}); "
                            f"try --format onnx") from None
     torch.export.save(program, str(path))

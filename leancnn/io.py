@@ -12,7 +12,7 @@ from typing import Any, Callable
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import LeancnnError
+from .errors import LeancnnError, first_line
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -74,7 +74,7 @@ def load_tensors(path: str | Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise LeancnnError(f"{path}: not a readable safetensors file ({reason}); it may be truncated: "
                            "write it again (train or compress the run again)") from None
 

@@ -19,7 +19,7 @@ import numpy
 import torch
 from torch import nn
 
-from .errors import LeancnnError
+from .errors import LeancnnError, first_line
 from .io import load_tensors, read_json_file, save_tensors, write_json, write_text
 from .methods import apply_methods
 from .models import create_model
@@ -119,7 +119,7 @@ def load_run_with_methods(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         raise LeancnnError(f"{weights}: does not fit the architecture in model.json ({first})") from None
     return model.eval(), architecture, methods
 

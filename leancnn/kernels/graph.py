@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import first_line
 from . import plans
 from .sparse import capturing_graph
 
@@ -27,21 +28,19 @@ GRAPH_MODES = ("auto", "eager", "torchscript")
 
 
 class GraphPlans:
-    """What a deployed model's forward calls: chooses, per input key, eager or the frozen graph.
-    `eager_forward`: the model class's own forward."""
+    """What a deployed model's forward calls: chooses, per input key, eager or the frozen graph."""
 
-    def __init__(self, model: nn.Module, eager_forward, mode: str = "auto") -> None:
+    def __init__(self, model: nn.Module, mode: str = "auto") -> None:
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph must be one of {', '.join(GRAPH_MODES)}, not {mode!r}")
         self.model = model
-        self.eager_forward = eager_forward
         self.mode = mode
         self.runs: dict[tuple, Any] = {}
         self.plans: dict[str, dict] = {}
         self._modules: list[nn.Module] | None = None
 
     def eager(self, *args, **kwargs):
-        return self.eager_forward(self.model, *args, **kwargs)
+        return type(self.model).eager_forward(self.model, *args, **kwargs)   # the model class's own forward
 
     def __call__(self, *args, **kwargs):
         x = args[0] if len(args) == 1 and not kwargs else None
@@ -73,7 +72,7 @@ class GraphPlans:
                     graph = torch.jit.freeze(torch.jit.trace(self.model, (x,), check_trace=False).eval())
                     graph(x)  # the profiling executor specialises on its first calls
             except Exception as error:  # noqa: BLE001  (any tracing failure: run eager, say why)
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                first = first_line(error)
                 warnings.warn(f"leancnn: {type(self.model).__name__} runs eager: TorchScript cannot trace it "
                               f"({type(error).__name__}: {first[:200]})", RuntimeWarning, stacklevel=3)
                 self.plans[name] = {"choice": "eager", "times_ms": {}, "reason": first[:200]}
@@ -88,7 +87,7 @@ class GraphPlans:
 
     def __deepcopy__(self, memo):
         # A copy re-plans: traced graphs hold the original's frozen weights.
-        return GraphPlans(copy.deepcopy(self.model, memo), self.eager_forward, self.mode)
+        return GraphPlans(copy.deepcopy(self.model, memo), self.mode)
 
 
 _DEPLOYED_CLASSES: dict[type, type] = {}
@@ -108,11 +107,9 @@ def _deployed_class(cls: type) -> type:
 
 def install_graph_plans(model: nn.Module, mode: str = "auto") -> nn.Module:
     """Make `model(x)` run through GraphPlans; module names and state dicts are unchanged."""
-    cls = type(model)
-    eager_forward = getattr(cls, "eager_forward", cls.forward)   # installed twice: keep the original
-    if cls not in _DEPLOYED_CLASSES.values():
-        model.__class__ = _deployed_class(cls)
-    model.leancnn_graph_plans = GraphPlans(model, eager_forward, mode)
+    if type(model) not in _DEPLOYED_CLASSES.values():   # installed twice: the class is swapped once
+        model.__class__ = _deployed_class(type(model))
+    model.leancnn_graph_plans = GraphPlans(model, mode)
     return model
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import LeancnnError
+from ..errors import LeancnnError, first_line
 
 FP32_BYTES = 4
 INDEX_BYTES = 4  # CSR column indices and row pointers are 32-bit
@@ -134,7 +134,7 @@ def count(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Profile
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=device))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = first_line(exc)
         shape = "x".join(map(str, input_shape))
         raise LeancnnError(f"input shape {shape} does not fit the model ({first})") from None
     finally:
