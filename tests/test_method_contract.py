@@ -15,7 +15,6 @@ The cases grow with the registry: a new method without test specs fails
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict
 
@@ -23,17 +22,15 @@ import pytest
 import torch
 
 from leancnn.compress import compress_run
-from leancnn.deploy import deploy
 from leancnn.experiment import build_model, prepare_data, train_run
 from leancnn.io import load_tensors
-from leancnn.kernels.graph import graph_plan
-from leancnn.kernels.sparse import SparseConvInference
 from leancnn.measure import count
 from leancnn.methods import Method, parse_method
 from leancnn.methods.base import METHODS
 from leancnn.runs import load_run, read_result
 
 from .conftest import tiny_config
+from .deploy_checks import assert_deploy_matches
 
 CONTRACT_MODELS = ["resnet20", "vgg11"]
 
@@ -91,42 +88,6 @@ def assert_saved_run_matches(outcome) -> tuple[torch.nn.Module, tuple[int, ...]]
     for key, value in profile.totals().items():
         assert getattr(result, key) == value, key
     return loaded, shape
-
-
-def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
-    """The deployed model against the model itself: run eager with every sparse layer forced onto
-    each implementation it can run (dense, the other memory format, each kernel pass plan), and as
-    the frozen TorchScript graph (on the layers' kernel, and on their plans)."""
-    model.eval()
-    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(12))
-    with torch.no_grad():
-        expected = model(x)
-    for mode in ("eager", "torchscript"):
-        deployed = deploy(model, graph=mode)
-        layers = [m for m in deployed.modules() if isinstance(m, SparseConvInference)]
-        everything = sorted({c for layer in layers for c in layer.choices()})
-        choices = everything if mode == "eager" else [c for c in everything if c == "kernel"] + ["as planned"]
-        for choice in choices or ["as planned"]:
-            if choice != "as planned":
-                for layer in layers:
-                    forced = choice if choice in layer.choices() else "dense"
-                    layer.forward = (lambda layer, forced: lambda x, residual=None: layer.run(forced, x, residual))(
-                        layer, forced)
-            else:
-                for layer in layers:
-                    layer.__dict__.pop("forward", None)
-            with torch.no_grad():
-                got = deploy_copy_run(deployed, x) if mode == "torchscript" else deployed(x)
-            assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), \
-                f"{mode}, {choice}: deployed differs by {(got - expected).abs().max():.2e}"
-
-
-def deploy_copy_run(deployed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A fresh graph for the layers as they are now (a copy re-traces), checked to be a graph."""
-    fresh = copy.deepcopy(deployed)
-    out = fresh(x)
-    assert [plan["choice"] for plan in graph_plan(fresh)] == ["torchscript"]
-    return out
 
 
 def assert_resume_is_exact(tmp_path, model: str, spec: str):

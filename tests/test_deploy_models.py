@@ -1,0 +1,106 @@
+"""Every registered model, with each method that applies to it (every declared test spec of
+every registered method), deployed eager and as the frozen TorchScript graph, computes what
+the model computes on fresh random inputs (1e-4, on every implementation a sparse layer can
+choose: tests/deploy_checks.py).
+
+No training: training-time methods are applied and finalized on a fresh model, post-training
+ones compress it through the same session `leancnn compress` uses (on the synthetic set).
+Batch norms get random affine parameters and the statistics of a batch first, so folding
+them into the convolutions is checked on values that are not the identity.
+
+A (method, model) pair declared in NOT_APPLICABLE must fail with its one-line reason; every
+other pair must deploy. So a method that starts to apply, or stops, changes this file.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from leancnn.compress import CompressSession, split_selection
+from leancnn.errors import LeancnnError
+from leancnn.experiment import build_model, prepare_data
+from leancnn.methods import parse_method
+from leancnn.methods.base import METHODS
+from leancnn.models import MODELS
+
+from .conftest import tiny_config
+from .deploy_checks import assert_deploy_matches
+
+# Channel surgery knows VGG chains and BasicBlock ResNets only (the any-model issue replaces it
+# with a traced channel graph): these pairs stop before doing anything, with this reason.
+CHANNEL_LAYOUT = "channel surgery does not know (the layout|layer)"
+# pSConv converts dense 3x3 convolutions other than the stem: these two have none (depthwise 3x3s).
+NO_DENSE_3X3 = "no 3x3 convolution to convert"
+NOT_APPLICABLE = {
+    **{(method, model): CHANNEL_LAYOUT
+       for method in ("cap", "l1prune", "dnr-channel") for model in ("mobilenetv2", "shufflenetv2")},
+    **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2")},
+}
+
+
+def method_key(spec: str) -> str:
+    method = parse_method(spec)
+    return f"{method.name}-channel" if getattr(method.options, "mode", None) == "channel" else method.name
+
+
+def cases() -> list:
+    specs = [spec for name in METHODS.names() for spec in METHODS.get(name).test_specs]
+    return [pytest.param(model, spec, id=f"{model}-{spec}") for model in MODELS.names() for spec in specs]
+
+
+def calibrate_batch_norms(model: nn.Module, images: torch.Tensor, seed: int) -> None:
+    """Affine parameters drawn at random, running statistics those of `images` (as after training:
+    an untrained deep ResNet in eval mode with unit statistics reaches logits of 1e8)."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.rand(norm.num_features, generator=generator) * 0.4 + 0.8)
+            norm.bias.copy_(torch.randn(norm.num_features, generator=generator) * 0.1)
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: one batch sets the statistics
+        model.train()(images)
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("deploy-models"), train_subset=128, test_subset=32)
+    return config, prepare_data(config)
+
+
+def with_method(config, dataset, model_name: str, spec: str) -> nn.Module:
+    config = replace(config, model=model_name)
+    method = parse_method(spec)
+    if not method.post_training:
+        model, methods, _ = build_model(replace(config, methods=[spec]), dataset)
+        calibrate_batch_norms(model, dataset.train_images[:64], 5)
+        for applied in methods:
+            model = applied.finalize(model)
+        return model
+    model = build_model(config, dataset)[0]
+    calibrate_batch_norms(model, dataset.train_images[:64], 5)
+    train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
+    session = CompressSession(train_split, config, selection_images, selection_labels, [], progress=False,
+                              log=lambda line: None)
+    outcome = method.compress(model.eval(), session)
+    assert outcome is not None, f"{spec} only reports: it should not be a test spec"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("model_name, spec", cases())
+def test_every_model_deploys_with_every_method(synthetic, model_name, spec):
+    config, dataset = synthetic
+    reason = NOT_APPLICABLE.get((method_key(spec), model_name))
+    if reason is not None:
+        with pytest.raises(LeancnnError, match=reason):
+            with_method(config, dataset, model_name, spec)
+        return
+    model = with_method(config, dataset, model_name, spec)
+    # The graph on the plans only: the method contract also traces it with every layer on the kernel.
+    assert_deploy_matches(model, tuple(dataset.train_images.shape[1:]), graph_on_kernel=False)
