@@ -18,7 +18,7 @@ import leancnn
 from leancnn.deploy import deploy
 from leancnn.kernels import psconv_extension
 from leancnn.kernels.graph import graph_plan
-from leancnn.measure.onnx_latency import export_onnx, onnx_available
+from leancnn.measure.onnx_latency import onnx_available, onnx_session
 
 METHODS = ["dense", "PS4_P4", "PS1_P9"]
 
@@ -35,16 +35,6 @@ def build(method: str, width: float) -> torch.nn.Module:
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     return model
-
-
-def onnx_session(model: torch.nn.Module, shape: tuple[int, ...]):
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return onnxruntime.InferenceSession(export_onnx(deploy(model, kernels=False), shape), options,
-                                        providers=["CPUExecutionProvider"])
 
 
 def row(method: str, width: float, batch: int, runs: int, ort) -> dict:
@@ -100,7 +90,7 @@ def main() -> None:
     rows = []
     for width in widths:
         for batch in (1, 64):
-            ort = onnx_session(build("dense", width), (1, 28, 28)) if onnx_available() else None
+            ort = onnx_session(deploy(build("dense", width), kernels=False), (1, 28, 28)) if onnx_available() else None
             for method in METHODS:
                 rows.append(row(method, width, batch, runs if batch == 1 else max(runs // 10, 5), ort))
                 print(rows[-1], flush=True)

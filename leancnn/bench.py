@@ -32,7 +32,8 @@ from .deploy import deploy, deploy_plan
 from .measure.latency import cpu_model, fastest_format_latency, layer_times
 from .methods import METHODS
 from .models import create_model
-from .report.budget import Budget, Recommendation, default_budget, recommend
+from .measure.onnx_latency import onnx_available, onnx_session, session_latency
+from .report.budget import DENSE_LABEL, DENSE_ONNX_LABEL, Budget, Recommendation, default_budget, dense_baseline_ms, recommend
 from .report.html import CandidateDetail, write_report
 from .report.pareto import pareto_front
 from .report.table import console, fmt_bytes, fmt_count, fmt_pct
@@ -149,7 +150,9 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
     """Latency at batch 1 and 64 of every finished candidate's deployed model (batch norm folded,
     sparse layers on their measured plans), the faster memory format: timed in rounds that take
     turns between the candidates, the median of the rounds, so that a noisy moment of a shared
-    machine lands on every candidate and not on one. Then each one's deploy plan and layer times."""
+    machine lands on every candidate and not on one. Then each one's deploy plan and layer times.
+    With the onnx extra, the dense model in ONNX Runtime is timed in the same rounds and added as
+    the row DENSE_ONNX_LABEL after dense's: what a user who ships the dense model could run."""
     models = {}   # row index -> (deployed model, input shape); labels may repeat in a report
     for index, row in enumerate(rows):
         if row.get("error"):
@@ -159,12 +162,22 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
             models[index] = (deploy(model), tuple(architecture["input_shape"]))
         except (LeancnnError, RuntimeError, ValueError) as exc:   # reported in its row; the others go on
             row["error"] = f"deploy: {first_line(exc)}"
+    dense_index = next((i for i in models if rows[i]["label"] == DENSE_LABEL), None)
+    onnx = None
+    if dense_index is not None and onnx_available():
+        onnx_threads = threads or torch.get_num_threads()
+        onnx = onnx_session(models[dense_index][0], models[dense_index][1], onnx_threads)
     samples: dict[int, dict[int, list[float]]] = {index: {b: [] for b in LATENCY_RUNS} for index in models}
+    onnx_samples: dict[int, list[float]] = {b: [] for b in LATENCY_RUNS}
     for _ in range(LATENCY_ROUNDS):
         for index, (model, shape) in models.items():
             for batch, runs in LATENCY_RUNS.items():
                 samples[index][batch].append(
                     fastest_format_latency(model, shape, batch_size=batch, threads=threads, runs=runs).median_ms)
+        if onnx is not None:
+            for batch, runs in LATENCY_RUNS.items():
+                onnx_samples[batch].append(session_latency(onnx, models[dense_index][1], batch_size=batch,
+                                                           threads=onnx_threads, runs=runs).median_ms)
     for index, (model, shape) in models.items():
         row = rows[index]
         for batch in LATENCY_RUNS:
@@ -175,6 +188,12 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
         if settled_plan(stored.extra.get("deploy_plan")) != settled_plan(row["deploy_plan"]):  # rewritten only when changed
             stored.extra["deploy_plan"] = row["deploy_plan"]
             save_result(Path(row["run_dir"]), stored)
+    if onnx is not None:
+        dense = rows[dense_index]
+        rows.insert(dense_index + 1, {
+            **{k: v for k, v in dense.items() if k not in ("deploy_plan", "layer_times")},
+            "label": DENSE_ONNX_LABEL, "runtime": "onnxruntime", "deploy_plan": [], "layer_times": [],
+            **{f"latency_b{b}_ms": round(statistics.median(onnx_samples[b]), 4) for b in LATENCY_RUNS}})
 
 
 COLUMNS = ["candidate", "test acc", "robust acc", "params nz", "MACs eff", "storage",
@@ -182,7 +201,10 @@ COLUMNS = ["candidate", "test acc", "robust acc", "params nz", "MACs eff", "stor
 
 
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], set[int]]:
-    dense = next((r for r in rows if r["label"] == "dense" and not r.get("error")), None)
+    """The table's cells. Speed-ups are against the faster dense model (deployed PyTorch or ONNX
+    Runtime); with the ONNX row present, PyTorch's deployed dense follows in brackets."""
+    dense = next((r for r in rows if r["label"] == DENSE_LABEL and not r.get("error")), None)
+    baselines = {b: dense_baseline_ms(rows, b) for b in (1, 64)}
     ok = [i for i, r in enumerate(rows) if not r.get("error")]
     front = {ok[i] for i in pareto_front([rows[i]["macs_effective"] for i in ok], [rows[i]["test_acc"] for i in ok])}
     lines = []
@@ -191,7 +213,11 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[list[str]], set[int]]:
             lines.append([row["label"]] + ["-"] * (len(COLUMNS) - 2) + [row["error"]])
             continue
         robust = row.get("robust") or {}
-        speedup = {b: f"{dense[f'latency_b{b}_ms'] / row[f'latency_b{b}_ms']:.2f}x" if dense else "-" for b in (1, 64)}
+        speedup = {}
+        for b, (fastest, pytorch) in baselines.items():
+            ms = row[f"latency_b{b}_ms"]
+            speedup[b] = "-" if fastest is None else f"{fastest / ms:.2f}x" + (
+                f" ({pytorch / ms:.2f}x)" if pytorch is not None and pytorch != fastest else "")
         mac_ratio = (f"{dense['macs_effective'] / row['macs_effective']:.2f}x" if dense else "-")
         lines.append([row["label"], fmt_pct(row["test_acc"]),
                       ", ".join(f"{k} {fmt_pct(v)}" for k, v in robust.items()) or "-",
@@ -317,7 +343,10 @@ def describe(plan: BenchPlan) -> list[str]:
     notes = [f"{plan.data}, {plan.model} width {plan.width}, {plan.epochs} epoch(s) on {subset}, accuracy on {test}, seed {plan.seed}.",
              f"Machine: {cpu_model()}, torch {torch.__version__}, {plan.threads or torch.get_num_threads()} thread(s); "
              f"latency: each deployed model in the faster memory format, the median of {LATENCY_ROUNDS} rounds "
-             f"that take turns between the candidates."]
+             f"that take turns between the candidates; speed-up: against the faster dense model"
+             + (f" (deployed PyTorch or ONNX Runtime, in the row '{DENSE_ONNX_LABEL}'; in brackets against PyTorch's)"
+                if onnx_available() else " (deployed PyTorch; install the onnx extra to compare ONNX Runtime too)")
+             + "."]
     if plan.cuts:
         notes.append("Cut to fit the time limit: " + "; ".join(plan.cuts) + ".")
     if plan.quick:

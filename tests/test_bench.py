@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from leancnn.bench import BenchPlan, Candidate, default_candidates, quick_scale, run_bench, write_outputs
+from leancnn.bench import COLUMNS, BenchPlan, Candidate, default_candidates, quick_scale, run_bench, table_rows, write_outputs
 from leancnn.cli import main
 from leancnn.kernels.sparse import PASS_CHOICES
-from leancnn.report.budget import Budget
+from leancnn.report.budget import DENSE_ONNX_LABEL, Budget, default_budget
 from leancnn.report.pareto import pareto_front
 
 
@@ -52,7 +52,11 @@ def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
     candidates = [Candidate("dense", []), Candidate("PS4_P4", ["PS4_P4"]),
                   Candidate("broken", ["psconv:layers=nothing-matches"])]
     rows = run_bench(_plan(candidates), tmp_path, progress=False)
-    assert [r["label"] for r in rows] == ["dense", "PS4_P4", "broken"]
+    # The dense model in ONNX Runtime is timed beside the candidates (the test extra installs it).
+    assert [r["label"] for r in rows] == ["dense", DENSE_ONNX_LABEL, "PS4_P4", "broken"]
+    onnx_row = rows.pop(1)
+    assert onnx_row["test_acc"] == rows[0]["test_acc"] and onnx_row["latency_b1_ms"] > 0
+    assert onnx_row["latency_b1_ms"] != rows[0]["latency_b1_ms"], "timed on its own, not copied from dense"
     assert "no 3x3 convolution to convert" in rows[2]["error"]
     assert rows[1]["macs_effective"] < rows[0]["macs_effective"]
     files = write_outputs(rows, tmp_path, "test bench", ["a note"], Budget.parse("latency_ms=1000"))
@@ -96,9 +100,24 @@ def test_report_command_from_runs(tmp_path, capsys, monkeypatch):
     assert "psconv:k=1" in (tmp_path / "rep" / "results.md").read_text()
     capsys.readouterr()
     assert main(["report", "runs/d", "runs/p", "--out", "rep2", "--budget", "latency_ms=0.000001"]) == 0
-    assert "Nothing of the 2 candidates fits" in capsys.readouterr().out
+    assert "Nothing of the 3 candidates fits" in capsys.readouterr().out   # d, d in ONNX Runtime, p
     assert main(["report", "runs/d", "--out", "rep3", "--budget", "storage_kib=1e9"]) == 0
-    assert "Ship dense:" in capsys.readouterr().out
+    # Both dense rows fit; the same accuracy and storage: the faster of the two is the answer.
+    assert re.search(r"Ship dense(, ONNX Runtime)?:", capsys.readouterr().out)
+
+
+def test_speed_ups_are_against_the_faster_dense_with_pytorchs_in_brackets():
+    def row(label, b1, b64):
+        return {"label": label, "test_acc": 0.9, "params_nonzero": 10, "macs_effective": 100, "storage_bytes": 40,
+                "latency_b1_ms": b1, "latency_b64_ms": b64}
+    rows = [row("dense", 2.0, 64.0), row(DENSE_ONNX_LABEL, 1.0, 80.0), row("PS4_P4", 0.5, 32.0)]
+    lines, _ = table_rows(rows)
+    speedups = {line[0]: (line[COLUMNS.index("speed-up b1")], line[COLUMNS.index("speed-up b64")]) for line in lines}
+    # batch 1: ONNX Runtime is the faster dense (1.0 ms); batch 64: PyTorch is (64 ms), nothing in brackets.
+    assert speedups == {"dense": ("0.50x (1.00x)", "1.00x"), DENSE_ONNX_LABEL: ("1.00x (2.00x)", "0.80x"),
+                        "PS4_P4": ("2.00x (4.00x)", "2.00x")}
+    assert default_budget(rows).limits == {"latency_ms": round(1.0 / 1.01, 4)}
+    assert default_budget(rows[:1] + rows[2:]).limits == {"latency_ms": round(2.0 / 1.01, 4)}   # without ONNX
 
 
 def test_time_limit_cuts_epochs_then_images(monkeypatch):

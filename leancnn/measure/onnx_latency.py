@@ -35,8 +35,9 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
-def measure_onnx_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int = 1,
-                         warmup: int = 5, runs: int = 20) -> Latency:
+def onnx_session(model: nn.Module, input_shape: tuple[int, ...], threads: int = 1):
+    """An ONNX Runtime CPU session of `model` (standard operators: a deployed model's sparse
+    layers export as the convolutions they equal), `threads` intra-op threads."""
     if not onnx_available():
         raise LeancnnError("ONNX Runtime latency needs the onnx extra: pip install 'leancnn[onnx]'")
     import onnxruntime
@@ -44,8 +45,12 @@ def measure_onnx_latency(model: nn.Module, input_shape: tuple[int, ...], *, batc
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(export_onnx(model, input_shape), options,
-                                           providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(export_onnx(model, input_shape), options, providers=["CPUExecutionProvider"])
+
+
+def session_latency(session, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int = 1,
+                    warmup: int = 5, runs: int = 20) -> Latency:
+    """Time an ONNX Runtime session (onnx_session) on one random batch: median and p90 of `runs`."""
     feed = {"images": torch.rand(batch_size, *input_shape).numpy()}
     for _ in range(warmup):
         session.run(None, feed)
@@ -56,3 +61,9 @@ def measure_onnx_latency(model: nn.Module, input_shape: tuple[int, ...], *, batc
         times.append((time.perf_counter() - started) * 1000.0)
     return Latency(batch_size, threads, "contiguous", statistics.median(times), quantile(times, 0.9), runs,
                    backend="onnxruntime")
+
+
+def measure_onnx_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1, threads: int = 1,
+                         warmup: int = 5, runs: int = 20) -> Latency:
+    return session_latency(onnx_session(model, input_shape, threads), input_shape, batch_size=batch_size,
+                           threads=threads, warmup=warmup, runs=runs)

@@ -84,8 +84,10 @@ def write_report(path: Path, title: str, columns: list[str], rows: list[list[str
               "<h2>All candidates</h2>", _table(columns, rows, classes),
               "<p class='meta'>Bold names are on the accuracy/effective-MACs Pareto front; the shaded row is the "
               "answer above. MACs eff: "
-              "multiply-accumulates per image that are not multiplications by a zero weight. Speed-up: dense "
-              "latency over the candidate's, both deployed, measured here.</p>",
+              "multiply-accumulates per image that are not multiplications by a zero weight. Speed-up: the faster "
+              "dense model's latency (leancnn's deployed PyTorch model, or the row 'dense, ONNX Runtime' when "
+              "the onnx extra is installed) over the candidate's, measured here; in brackets against PyTorch's "
+              "deployed dense model.</p>",
               "<h2>Accuracy against cost</h2>", *(_image_tag(p) for p in plots if p and p.is_file())]
     if details:
         parts += ["<h2>Per candidate: what each layer runs, where the time goes</h2>", *(_detail(d) for d in details)]
