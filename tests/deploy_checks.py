@@ -12,11 +12,13 @@ from leancnn.kernels.graph import graph_plan
 from leancnn.kernels.sparse import SparseConvInference
 
 
-def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_on_kernel: bool = True) -> None:
+def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_on_kernel: bool = True,
+                          eager_choices: tuple[str, ...] | None = None) -> None:
     """The deployed model against the model itself: run eager with every sparse layer forced onto
     each implementation it can run (dense, the other memory format, each kernel pass plan), and as
     the frozen TorchScript graph on the layers' plans and (`graph_on_kernel`) with every layer on
-    the kernel (each graph is a trace: seconds on a deep model)."""
+    the kernel (each graph is a trace: seconds on a deep model). `eager_choices`: only these
+    implementations eager (default: all)."""
     model.eval()
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
@@ -25,8 +27,11 @@ def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_
         deployed = deploy(model, graph=mode)
         layers = [m for m in deployed.modules() if isinstance(m, SparseConvInference)]
         everything = sorted({c for layer in layers for c in layer.choices()})
-        choices = everything if mode == "eager" else [c for c in everything if c == "kernel" and graph_on_kernel] + ["as planned"]
-        for choice in choices or ["as planned"]:
+        if mode == "eager":
+            choices = [c for c in everything if eager_choices is None or c in eager_choices]
+        else:
+            choices = [c for c in everything if c == "kernel" and graph_on_kernel] + ["as planned"]
+        for number, choice in enumerate(choices or ["as planned"]):
             if choice != "as planned":
                 for layer in layers:
                     forced = choice if choice in layer.choices() else "dense"
@@ -36,14 +41,19 @@ def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_
                 for layer in layers:
                     layer.__dict__.pop("forward", None)
             with torch.no_grad():
-                got = deploy_copy_run(deployed, x) if mode == "torchscript" else deployed(x)
+                # The first graph is traced from `deployed` itself; later ones from a copy.
+                got = (deploy_copy_run(deployed, x) if number else graph_run(deployed, x)) if mode == "torchscript" \
+                    else deployed(x)
             assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), \
                 f"{mode}, {choice}: deployed differs by {(got - expected).abs().max():.2e}"
 
 
 def deploy_copy_run(deployed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A fresh graph for the layers as they are now (a copy re-traces), checked to be a graph."""
-    fresh = copy.deepcopy(deployed)
-    out = fresh(x)
-    assert [plan["choice"] for plan in graph_plan(fresh)] == ["torchscript"]
+    return graph_run(copy.deepcopy(deployed), x)
+
+
+def graph_run(deployed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = deployed(x)
+    assert [plan["choice"] for plan in graph_plan(deployed)] == ["torchscript"]
     return out

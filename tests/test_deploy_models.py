@@ -22,9 +22,10 @@ from torch import nn
 from leancnn.compress import CompressSession, split_selection
 from leancnn.errors import LeancnnError
 from leancnn.experiment import build_model, prepare_data
+from leancnn.kernels import plans
 from leancnn.methods import parse_method
 from leancnn.methods.base import METHODS
-from leancnn.models import MODELS
+from leancnn.models import MODELS, create_model
 
 from .conftest import tiny_config
 from .deploy_checks import assert_deploy_matches
@@ -46,9 +47,27 @@ def method_key(spec: str) -> str:
     return f"{method.name}-channel" if getattr(method.options, "mode", None) == "channel" else method.name
 
 
+# Deeper models of the same builder (more blocks of the same kinds, checked below): every method
+# is checked on the shallow one; the deeper one deploys dense, with irregular masks and pSConv
+# (3 cases instead of 11: resnet110 alone took a minute of CI's ten).
+SAME_KINDS_AS = {"resnet32": "resnet20", "resnet56": "resnet20", "resnet110": "resnet20", "resnet34": "resnet18"}
+DEEPER_MODEL_SPECS = [None, "dnr:density=0.1,attack=none", "PS4_P4"]
+
+
 def cases() -> list:
-    specs = [spec for name in METHODS.names() for spec in METHODS.get(name).test_specs]
-    return [pytest.param(model, spec, id=f"{model}-{spec}") for model in MODELS.names() for spec in specs]
+    specs = [None] + [spec for name in METHODS.names() for spec in METHODS.get(name).test_specs]
+    return [pytest.param(model, spec, id=f"{model}-{spec or 'dense'}") for model in MODELS.names()
+            for spec in (DEEPER_MODEL_SPECS if model in SAME_KINDS_AS else specs)]
+
+
+def layer_kinds(model: nn.Module) -> set[tuple]:
+    return {(type(m).__name__, getattr(m, "kernel_size", None), getattr(m, "stride", None), getattr(m, "groups", None))
+            for m in model.modules()}
+
+
+@pytest.mark.parametrize("deeper, shallow", SAME_KINDS_AS.items())
+def test_deeper_models_have_the_kinds_of_layers_of_their_shallow_sibling(deeper, shallow):
+    assert layer_kinds(create_model(deeper)) == layer_kinds(create_model(shallow))
 
 
 def calibrate_batch_norms(model: nn.Module, images: torch.Tensor, seed: int) -> None:
@@ -65,7 +84,19 @@ def calibrate_batch_norms(model: nn.Module, images: torch.Tensor, seed: int) -> 
         model.train()(images)
     for norm in norms:
         norm.momentum = 0.1
+        # A channel a sparse mask left constant has variance 0, and 1 / sqrt(eps) then multiplies
+        # float rounding by 316 on both sides differently (5e-3 apart on mobilenetv2 at density 0.1):
+        # an ill-posed comparison, not a wrong fold.
+        norm.running_var.clamp_(min=0.01)
     model.eval()
+
+
+@pytest.fixture(autouse=True)
+def quick_plans(monkeypatch):
+    """Plans timed once per candidate: this file checks what every implementation computes (each is
+    forced in turn), not which is fastest; full timing made half of its two minutes."""
+    timed = plans.time_candidates
+    monkeypatch.setattr(plans, "time_candidates", lambda candidates: timed(candidates, rounds=1, min_seconds=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +105,11 @@ def synthetic(tmp_path_factory):
     return config, prepare_data(config)
 
 
-def with_method(config, dataset, model_name: str, spec: str) -> nn.Module:
+def with_method(config, dataset, model_name: str, spec: str | None) -> nn.Module:
     config = replace(config, model=model_name)
-    method = parse_method(spec)
-    if not method.post_training:
-        model, methods, _ = build_model(replace(config, methods=[spec]), dataset)
+    method = parse_method(spec) if spec else None
+    if method is None or not method.post_training:
+        model, methods, _ = build_model(replace(config, methods=[spec] if spec else []), dataset)
         calibrate_batch_norms(model, dataset.train_images[:64], 5)
         for applied in methods:
             model = applied.finalize(model)
@@ -96,11 +127,13 @@ def with_method(config, dataset, model_name: str, spec: str) -> nn.Module:
 @pytest.mark.parametrize("model_name, spec", cases())
 def test_every_model_deploys_with_every_method(synthetic, model_name, spec):
     config, dataset = synthetic
-    reason = NOT_APPLICABLE.get((method_key(spec), model_name))
+    reason = NOT_APPLICABLE.get((method_key(spec), model_name)) if spec else None
     if reason is not None:
         with pytest.raises(LeancnnError, match=reason):
             with_method(config, dataset, model_name, spec)
         return
     model = with_method(config, dataset, model_name, spec)
-    # The graph on the plans only: the method contract also traces it with every layer on the kernel.
-    assert_deploy_matches(model, tuple(dataset.train_images.shape[1:]), graph_on_kernel=False)
+    # Eager on oneDNN and on the kernel's default pass plan, the graph on the plans: the method contract
+    # also runs the other pass plans and formats, and a graph with every layer on the kernel.
+    assert_deploy_matches(model, tuple(dataset.train_images.shape[1:]), graph_on_kernel=False,
+                          eager_choices=("dense", "kernel"))

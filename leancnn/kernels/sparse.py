@@ -53,34 +53,47 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) ->
     channel uses); per group the (tap, channel) pairs its filters use, channel by channel, in
     segments of CHANNEL_BLOCK input channels; each group cut into chunks of at most MAX_CHUNK
     filters, whose weights are listed per pair of their group.
-    weight, mask: [C_out, C_in, 3, 3]."""
+    weight, mask: [C_out, C_in, 3, 3]. Vectorised per channel block (an irregular mask makes
+    every filter its own group: resnet18's layers took seconds to pack one group at a time)."""
     out_channels, in_channels = weight.shape[:2]
     rows = mask.reshape(out_channels, -1)
     _, group_of = torch.unique(rows, dim=0, return_inverse=True)
-    taps_weight = (weight * mask).reshape(out_channels, in_channels, TAPS).float()
-    taps_mask = mask.reshape(out_channels, in_channels, TAPS)
-    used_by_group, chunks = [], []  # [C_in, 9] taps per group; (filters, group) per chunk
-    for group in range(int(group_of.max()) + 1 if out_channels else 0):
-        members = torch.nonzero(group_of == group).flatten()
-        used_by_group.append(taps_mask[members[0]])  # every member has this support row
-        chunks += [(chunk, group) for chunk in members.split(chunk_sizes(len(members)))]
+    taps_weight = (weight * mask).reshape(out_channels, in_channels * TAPS).float()
+    groups = int(group_of.max()) + 1 if out_channels else 0
+    order = torch.sort(group_of, stable=True).indices           # filters, group by group
+    sizes = torch.bincount(group_of, minlength=groups).tolist()
+    members_by_group = order.split(sizes)
+    used = rows[torch.stack([m[0] for m in members_by_group])].reshape(groups, in_channels, TAPS) if groups else \
+        torch.zeros(0, in_channels, TAPS, dtype=torch.bool)     # every member has its group's support row
+    chunks = [(chunk, group) for group, members in enumerate(members_by_group)
+              for chunk in members.split(chunk_sizes(len(members)))]
+    chunk_group = torch.tensor([group for _, group in chunks], dtype=torch.long)
+    chunk_filters = torch.tensor([len(chunk) for chunk, _ in chunks], dtype=torch.long)
+    padded = torch.zeros(len(chunks), MAX_CHUNK, dtype=torch.long)  # chunk -> its filters (padded)
+    for k, (chunk, _) in enumerate(chunks):
+        padded[k, :len(chunk)] = chunk
     # Channel block by channel block: each group's pairs in the block (shared by its chunks), and
-    # each chunk's weights for them, so that a tile's passes read the weights in one stream.
-    pairs, channels, taps, weights = [0], [], [], []
+    # each chunk's weights for them ([pairs, R], pair-major), so that a tile's passes read the
+    # weights in one stream.
+    pairs, channels, taps, weights = [torch.zeros(1, dtype=torch.long)], [], [], []
     for first_channel in range(0, in_channels, CHANNEL_BLOCK):
-        block_pairs = []
-        for used in used_by_group:
-            channel_index, tap_index = torch.nonzero(used[first_channel:first_channel + CHANNEL_BLOCK], as_tuple=True)
-            block_pairs.append((channel_index + first_channel, tap_index))
-            channels.append(channel_index + first_channel)
-            taps.append(tap_index)
-            pairs.append(pairs[-1] + len(channel_index))
-        for chunk, group in chunks:
-            channel_index, tap_index = block_pairs[group]
-            weights.append(taps_weight[chunk][:, channel_index, tap_index].T.reshape(-1))  # [pairs, R]
-    slots = [0]
-    for chunk, _ in chunks:
-        slots.append(slots[-1] + len(chunk))
+        group_index, channel_index, tap_index = torch.nonzero(
+            used[:, first_channel:first_channel + CHANNEL_BLOCK], as_tuple=True)   # ordered by group, channel, tap
+        channel_index = channel_index + first_channel
+        channels.append(channel_index)
+        taps.append(tap_index)
+        per_group = torch.bincount(group_index, minlength=groups)
+        group_start = torch.cumsum(per_group, 0) - per_group
+        pairs.append(pairs[-1][-1] + torch.cumsum(per_group, 0))
+        # Entry e of chunk k: pair e // R_k of its group, filter e % R_k of the chunk.
+        counts = per_group[chunk_group] * chunk_filters
+        entry_chunk = torch.repeat_interleave(torch.arange(len(chunks)), counts)
+        within = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[entry_chunk]
+        filters_of = chunk_filters[entry_chunk]
+        pair = group_start[chunk_group[entry_chunk]] + within // filters_of
+        column = channel_index[pair] * TAPS + tap_index[pair]
+        weights.append(taps_weight[padded[entry_chunk, within % filters_of], column])
+    slots = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(chunk_filters, 0)])
 
     def cat(parts: list[torch.Tensor], dtype) -> torch.Tensor:
         return (torch.cat(parts) if parts else torch.zeros(0)).to(dtype).contiguous()
@@ -91,9 +104,9 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) ->
         "weights": cat(weights, torch.float32),
         "channels": cat(channels, torch.int32),
         "taps": cat(taps, torch.int32),
-        "chunk_slot": torch.tensor(slots, dtype=torch.int32),
-        "chunk_group": torch.tensor([group for _, group in chunks], dtype=torch.int32),
-        "segment_pair": torch.tensor(pairs, dtype=torch.int32),
+        "chunk_slot": slots.to(torch.int32),
+        "chunk_group": chunk_group.to(torch.int32),
+        "segment_pair": cat(pairs, torch.int32),
         "bias": (torch.zeros(out_channels) if bias is None else bias.detach().float().cpu()).contiguous(),
         "position": position,
     }
