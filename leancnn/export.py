@@ -1,11 +1,15 @@
 """`leancnn export`: a trained run as a file a user can ship, with its model card.
 
-- `pt2`: a `torch.export` program of the deployed model (batch norm folded, sparse layers on
-  the implementation their deploy plan measured fastest here, as the operator
-  `leancnn::sparse_conv`), with a dynamic batch dimension. It runs in a process that has torch
-  and the kernel library, and none of leancnn: `torch.ops.load_library(LIB)` then
-  `torch.export.load(FILE).module()`. When the graph uses the kernel, the library is written
-  beside the file (`FILE.kernels.so`, built for this torch and CPU family).
+- `pt2`: an AOTInductor package: the `torch.export` program of the deployed model (batch norm
+  folded, sparse layers on the implementation their deploy plan measured fastest here, as the
+  operator `leancnn::sparse_conv`), with a dynamic batch dimension, compiled ahead of time with
+  frozen weights into a shared library inside the package, so that no Python runs between the
+  layers (the program run as an FX graph was 3x slower than the deployed model at batch 1;
+  compiled, within 10%: docs/deploy.md). It runs in a process that has torch and the kernel
+  library, and none of leancnn: `torch.ops.load_library(LIB)` then
+  `torch._inductor.aoti_load_package(FILE)`. When the graph uses the kernel, the library is
+  written beside the file (`FILE.kernels.so`, built for this torch and CPU family). Compiling
+  takes 20-60 s and needs the C++ compiler the kernel is built with.
 - `onnx`: standard operators only (every sparse layer as the convolution it equals), checked
   against ONNX Runtime.
 
@@ -20,9 +24,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch._inductor
 
 from .deploy import deploy, deploy_plan
 from .errors import LeancnnError, first_line
@@ -56,7 +61,8 @@ def _max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[bool, list[dict]]:
+def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path,
+               log: Callable[[str], None]) -> tuple[bool, list[dict]]:
     deployed = deploy(model, example_inputs=[example], graph="eager")   # torch.export captures the eager path
     batch = torch.export.Dim("batch", min=1, max=4096)
     # Traced at a batch of at least 2: a batch of 1 would be specialised into the graph.
@@ -68,13 +74,20 @@ def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tup
         first = first_line(error)
         raise LeancnnError(f"torch.export cannot capture this model ({type(error).__name__}: {first}); "
                            f"try --format onnx") from None
-    torch.export.save(program, str(path))
+    log(f"compiling the graph ahead of time (AOTInductor, frozen weights; 20-60 s) into {path.name}")
+    try:
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                     inductor_configs={"freezing": True})
+    except Exception as error:
+        raise LeancnnError(f"AOTInductor cannot compile this model ({type(error).__name__}: {first_line(error)}); "
+                           f"try --format onnx") from None
     return _uses_kernel(program), deploy_plan(deployed)
 
 
 def _read_back_pt2(path: Path, example: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.export.load(str(path)).module()(example)
+        return torch._inductor.aoti_load_package(str(path))(example)
 
 
 def _read_back_onnx(path: Path, example: torch.Tensor) -> torch.Tensor:
@@ -84,9 +97,10 @@ def _read_back_onnx(path: Path, example: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, batch: int = 1) -> dict[str, Any]:
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, batch: int = 1,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the run's model to `out` in `fmt` (pt2 or onnx) and its card beside it; returns the card.
-    `batch`: the batch size the deploy plans are measured for (any batch runs)."""
+    `batch`: the batch size the deploy plans are measured for (any batch runs); `log`: progress lines."""
     if fmt not in FORMATS:
         raise LeancnnError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if batch < 1:
@@ -111,10 +125,10 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, batch: int = 1
         plans: list[dict] = []
         uses_kernel = False
         if fmt == "pt2":
-            uses_kernel, plans = _write_pt2(model, example, written)
+            uses_kernel, plans = _write_pt2(model, example, written, log)
             got = _read_back_pt2(written, check)
             load = (f"torch.ops.load_library('{library.name}'); " if uses_kernel else "") + \
-                f"torch.export.load('{out.name}').module()(images)"
+                f"torch._inductor.aoti_load_package('{out.name}')(images)"
         else:
             written.write_bytes(export_onnx(deploy(model, kernels=False), input_shape))
             got = _read_back_onnx(written, check)

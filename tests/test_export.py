@@ -21,13 +21,13 @@ from .conftest import tiny_config
 
 # Runs in a fresh interpreter: torch, the kernel library and the file; nothing of leancnn.
 LOADER = """
-import sys, torch
+import sys, torch, torch._inductor
 from safetensors.torch import load_file, save_file
 folder = sys.argv[1]
 card = __import__("json").load(open(folder + "/model.pt2.card.json"))
 if card["kernel_library"]:
     torch.ops.load_library(folder + "/" + card["kernel_library"])
-program = torch.export.load(folder + "/model.pt2").module()
+program = torch._inductor.aoti_load_package(folder + "/model.pt2")
 images = load_file(folder + "/images.safetensors")["images"]
 with torch.no_grad():
     save_file({"logits": program(images)}, folder + "/logits.safetensors")
@@ -106,11 +106,13 @@ def test_export_of_a_missing_run_fails_with_one_line(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not onnx_available(), reason="needs the onnx extra")
 def test_a_failed_export_leaves_no_partial_file(psconv_run, tmp_path, capsys, monkeypatch):
     from leancnn import export
 
-    monkeypatch.setattr(export, "TOLERANCE", -1.0)   # every read-back check fails, after the file was written
-    assert main(["export", str(psconv_run.run_dir), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
+    # Every read-back check fails, after the file was written (ONNX: pt2 compiles for 20 s first).
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    assert main(["export", str(psconv_run.run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "differs from the run's" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
