@@ -166,7 +166,10 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
     onnx = None
     if dense_index is not None and onnx_available():
         onnx_threads = threads or torch.get_num_threads()
-        onnx = onnx_session(models[dense_index][0], models[dense_index][1], onnx_threads)
+        try:
+            onnx = onnx_session(models[dense_index][0], models[dense_index][1], onnx_threads)
+        except Exception as exc:  # ONNX export or the runtime: the bench goes on without the row
+            print(f"    dense in ONNX Runtime left out: {first_line(exc)}", flush=True)
     samples: dict[int, dict[int, list[float]]] = {index: {b: [] for b in LATENCY_RUNS} for index in models}
     onnx_samples: dict[int, list[float]] = {b: [] for b in LATENCY_RUNS}
     for _ in range(LATENCY_ROUNDS):
@@ -192,7 +195,7 @@ def measure_candidates(rows: list[dict[str, Any]], threads: int | None = None, p
         dense = rows[dense_index]
         rows.insert(dense_index + 1, {
             **{k: v for k, v in dense.items() if k not in ("deploy_plan", "layer_times")},
-            "label": DENSE_ONNX_LABEL, "runtime": "onnxruntime", "deploy_plan": [], "layer_times": [],
+            "label": DENSE_ONNX_LABEL, "deploy_plan": [], "layer_times": [],
             **{f"latency_b{b}_ms": round(statistics.median(onnx_samples[b]), 4) for b in LATENCY_RUNS}})
 
 

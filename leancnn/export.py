@@ -5,7 +5,7 @@
   operator `leancnn::sparse_conv`), with a dynamic batch dimension, compiled ahead of time with
   frozen weights into a shared library inside the package, so that no Python runs between the
   layers (the program run as an FX graph was 3x slower than the deployed model at batch 1;
-  compiled, within 10%: docs/deploy.md). It runs in a process that has torch and the kernel
+  compiled, within 10% there; export with --batch N for batch-N serving: docs/deploy.md). It runs in a process that has torch and the kernel
   library, and none of leancnn: `torch.ops.load_library(LIB)` then
   `torch._inductor.aoti_load_package(FILE)`. When the graph uses the kernel, the library is
   written beside the file (`FILE.kernels.so`, built for this torch and CPU family). Compiling
