@@ -1,7 +1,9 @@
 """Inference-only rewrites of a trained model: batch norm folded into the
 convolution before it; every pSConv layer and every pruned or masked convolution
 swapped for a sparse-kernel layer (leancnn.kernels.sparse) with the ReLU after it
-fused, and a residual block's add and ReLU fused into its second convolution.
+fused, and residual adds and ReLUs fused into the kernel layer before them wherever a module's
+traced graph shows one (leancnn.kernels.fusion); a ViP block's
+interpolation back to full size as one compiled pass (leancnn.kernels.virtual_pool).
 A swapped layer runs the compiled kernel or the dense convolution, whichever its
 measured plan found faster (leancnn.kernels.plans), so deploying never makes a
 layer slower than dense. Latency
@@ -16,11 +18,13 @@ import copy
 import torch
 from torch import nn
 
+from .kernels.fusion import fuse_kernel_epilogues
 from .kernels.graph import install_graph_plans
 from .kernels.psconv import PSConvInference, kernel_applies
 from .kernels.sparse import SparseConvInference, conv_applies
+from .kernels.virtual_pool import VirtualPoolInference
 from .layers.psconv import PSConv2d
-from .models.resnet import BasicBlock
+from .layers.vip import VirtualPool
 from .surgery import replace_module
 
 
@@ -99,32 +103,11 @@ def swap_kernel_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-class KernelResidualBlock(nn.Module):
-    """A residual block (models.resnet.BasicBlock) whose second convolution runs on
-    the pSConv kernel: relu(conv2(conv1(x)) + shortcut(x)) with the add and the ReLU
-    done by the kernel as it writes conv2's output (two passes over the block's
-    output saved: about 5% of a deployed resnet18 at batch 64)."""
-
-    def __init__(self, conv1: nn.Module, conv2: nn.Module, shortcut: nn.Module) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.shortcut = conv1, conv2, shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x), residual=self.shortcut(x))
-
-
-def fuse_residuals(model: nn.Module) -> nn.Module:
-    """Every BasicBlock whose conv2 is a kernel layer (then identities) and whose ReLU
-    is a plain ReLU -> KernelResidualBlock."""
-    for name, block in list(model.named_modules()):
-        if not name or not (isinstance(block, BasicBlock) and type(block.relu) is nn.ReLU
-                and isinstance(block.conv2, nn.Sequential) and len(block.conv2)
-                and isinstance(block.conv2[0], SparseConvInference) and not block.conv2[0].relu
-                and all(isinstance(m, nn.Identity) for m in list(block.conv2)[1:])):
-            continue
-        kernel = block.conv2[0]
-        kernel.relu = True   # now after the residual add
-        replace_module(model, name, KernelResidualBlock(block.conv1, kernel, block.shortcut))
+def swap_virtual_pools(model: nn.Module) -> nn.Module:
+    """Every ViP block -> VirtualPoolInference (the same block, the upsample planned)."""
+    for name, module in list(model.named_modules()):
+        if name and isinstance(module, VirtualPool):
+            replace_module(model, name, VirtualPoolInference(module))
     return model
 
 
@@ -141,7 +124,7 @@ def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Te
     model = fold_batchnorm(model)
     if not kernels:
         return model
-    model = fuse_residuals(swap_kernel_layers(model))
+    model = swap_virtual_pools(fuse_kernel_epilogues(swap_kernel_layers(model)))
     install_graph_plans(model, graph)
     with torch.no_grad():
         for example in example_inputs or []:
@@ -157,4 +140,7 @@ def deploy_plan(model: nn.Module) -> list[dict]:
         if isinstance(layer, SparseConvInference):
             for plan in layer.plan_summary():
                 rows.append({"layer": name, "density": round(layer.density, 4), **plan})
+        elif isinstance(layer, VirtualPoolInference):
+            for plan in layer.plan_summary():
+                rows.append({"layer": name, "density": 1.0, **plan})
     return rows

@@ -10,6 +10,7 @@ import torch
 from leancnn.deploy import deploy
 from leancnn.kernels.graph import graph_plan
 from leancnn.kernels.sparse import SparseConvInference
+from leancnn.kernels.virtual_pool import VirtualPoolInference
 
 
 def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_on_kernel: bool = True,
@@ -18,7 +19,8 @@ def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_
     each implementation it can run (dense, the other memory format, each kernel pass plan), and as
     the frozen TorchScript graph on the layers' plans and (`graph_on_kernel`) with every layer on
     the kernel (each graph is a trace: seconds on a deep model). `eager_choices`: only these
-    implementations eager (default: all)."""
+    implementations eager (default: all). ViP blocks run each upsample they can choose, eager, with
+    the sparse layers as planned."""
     model.eval()
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
@@ -46,6 +48,14 @@ def assert_deploy_matches(model: torch.nn.Module, shape: tuple[int, ...], graph_
                     else deployed(x)
             assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), \
                 f"{mode}, {choice}: deployed differs by {(got - expected).abs().max():.2e}"
+        pools = [m for m in deployed.modules() if isinstance(m, VirtualPoolInference)]
+        for upsample in (sorted({c for pool in pools for c in pool.choices()}) if mode == "eager" else []):
+            for pool in pools:
+                pool.forward = (lambda pool: lambda x: pool.run(upsample, pool.block(x), *x.shape[-2:]))(pool)
+            with torch.no_grad():
+                got = deployed(x)
+            assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), \
+                f"eager, ViP upsample {upsample}: deployed differs by {(got - expected).abs().max():.2e}"
 
 
 def deploy_copy_run(deployed: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 
 from leancnn.bench import COLUMNS, BenchPlan, Candidate, default_candidates, quick_scale, run_bench, table_rows, write_outputs
 from leancnn.cli import main
-from leancnn.kernels.sparse import PASS_CHOICES
+from leancnn.kernels.sparse import DENSE_PACKED, PASS_CHOICES
 from leancnn.report.budget import DENSE_ONNX_LABEL, Budget, default_budget
 from leancnn.report.pareto import pareto_front
 
@@ -70,7 +70,8 @@ def test_bench_end_to_end_skips_done_and_reports_failures(tmp_path, capsys):
     assert json.loads(files.recommendation_file.read_text())["chosen"] == best
     # Per candidate: PS4_P4's pSConv layers have deploy plans; every candidate has its layer times.
     ps = next(r for r in rows if r["label"] == "PS4_P4")
-    assert ps["deploy_plan"] and {p["choice"] for p in ps["deploy_plan"]} <= {"dense", "dense-other-format", *PASS_CHOICES}
+    allowed = {"dense", "dense-other-format", DENSE_PACKED, *PASS_CHOICES}
+    assert ps["deploy_plan"] and {p["choice"] for p in ps["deploy_plan"]} <= allowed
     assert html.count("<details") == 2 and html.count("<details open>") == 1 and ps["deploy_plan"][0]["layer"] in html
     assert {t["type"] for t in rows[0]["layer_times"]} >= {"SparseConvInference", "Linear"}   # dense deploys onto planned layers too
     assert files.plots["macs"].read_bytes().startswith(b"\x89PNG")

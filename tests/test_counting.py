@@ -1,6 +1,7 @@
 """Counting: MACs dense and effective, parameters, storage, the layer protocol."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from leancnn.cli import main
 from leancnn.errors import LeancnnError
-from leancnn.measure import LayerCost, count
+from leancnn.measure import LayerCost, count, latency
 from leancnn.measure.counting import tensor_storage
 from leancnn.models import MODELS, create_model
 
@@ -93,3 +94,18 @@ def test_profile_cli_json(capsys):
     assert output["layers"][0]["name"] == "features.0.0"
     assert main(["profile", "--model", "resnet18", "--input", "3x32"]) == 2
     assert "expected CxHxW" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+     "vendor_id\t: AuthenticAMD\ncpu family\t: 25\n", "AMD EPYC (Zen 5, family 26 model 2)"),
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9654\n", "AMD EPYC 9654 (Zen 4, family 25 model 17)"),
+    ("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n", "AMD EPYC (Zen 3, family 25 model 1)"),
+    ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.80GHz\n",
+     "Intel(R) Xeon(R) Processor @ 2.80GHz (family 6 model 143)"),
+    ("processor\t: 0\nmodel name\t: Some ARM core\n", "Some ARM core"),
+])
+def test_cpu_model_names_the_core_generation_from_cpuinfo(monkeypatch, cpuinfo, expected):
+    """The machine line of every table: a VM's bare "AMD EPYC" made Zen 3 and Zen 5 tables look alike."""
+    monkeypatch.setattr(latency, "open", lambda *args, **kwargs: io.StringIO(cpuinfo), raising=False)
+    assert latency.cpu_model() == expected

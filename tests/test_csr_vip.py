@@ -5,12 +5,17 @@ import pytest
 import torch
 from torch import nn
 
+from leancnn.deploy import deploy
 from leancnn.errors import ConfigError
 from leancnn.io import load_tensors, save_tensors
+from leancnn.kernels import psconv_extension
+from leancnn.kernels.virtual_pool import VirtualPoolInference
 from leancnn.layers import CSRConv2d, VirtualPool, virtual_upsample
 from leancnn.measure import count
 from leancnn.methods import apply_methods
 from leancnn.models import create_model
+
+from .deploy_checks import assert_deploy_matches
 
 
 @pytest.mark.parametrize("c_in, c_out, steps, kernel", [(16, 16, 2, 3), (16, 32, 4, 3), (10, 7, 3, 3),
@@ -235,3 +240,42 @@ def test_csr_recurrence_by_hand_at_three_steps():
     # With bias both U and V have one: 16 -> 16, 3x3, T = 2: U and V 8x8x9 each, 2 scalars, 2 x 8 biases.
     assert sum(p.numel() for p in CSRConv2d(16, 16, 3, bias=True, steps=2).parameters()) == 576 + 576 + 2 + 16
     assert sum(p.numel() for p in CSRConv2d(16, 16, 3, bias=False, steps=2).parameters()) == 576 + 576 + 2
+
+
+@pytest.mark.skipif(psconv_extension() is None, reason="no C++ compiler: the kernels could not be built")
+def test_fused_upsample_operator_matches_the_written_out_rule():
+    """leancnn::virtual_upsample (one compiled pass) against the rule axis by axis, on fresh random
+    values in both memory formats, with more computed values than the map needs (they are ignored),
+    and keeping the values' memory format."""
+    from leancnn.layers.vip import upsample_axis
+
+    torch.manual_seed(1)
+    for height, width, channels in [(1, 1, 3), (2, 2, 1), (3, 3, 5), (4, 7, 16), (7, 4, 2), (28, 28, 24),
+                                    (14, 15, 3), (32, 32, 64), (5, 2, 8)]:
+        values = torch.randn(3, channels, (height + 1) // 2 + 1, (width + 1) // 2 + 2)
+        reference = upsample_axis(upsample_axis(values, height, 2), width, 3)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = torch.ops.leancnn.virtual_upsample(values.contiguous(memory_format=fmt), height, width)
+            assert got.shape == (3, channels, height, width)
+            assert torch.allclose(got, reference, atol=1e-6), (height, width, channels, fmt)
+            assert got.is_contiguous(memory_format=fmt)
+    assert torch.ops.leancnn.virtual_upsample(torch.rand(0, 4, 2, 2), 4, 4).shape == (0, 4, 4, 4)
+    with pytest.raises(RuntimeError, match="cannot fill 6x6"):
+        torch.ops.leancnn.virtual_upsample(torch.rand(1, 2, 2, 3), 6, 6)
+
+
+def test_deployed_vip_block_runs_the_planned_upsample_and_matches():
+    """deploy swaps each ViP block for VirtualPoolInference, which plans fused against interpolate;
+    the deployed model equals the model (every upsample forced: tests/deploy_checks.py)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+                          nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()))
+    model[1] = VirtualPool(model[1])
+    assert_deploy_matches(model, (3, 14, 15), graph_on_kernel=False, eager_choices=("dense", "kernel"))
+    deployed = deploy(model)
+    assert not any(isinstance(m, VirtualPool) for m in deployed.modules())
+    with torch.no_grad():
+        deployed(torch.rand(2, 3, 14, 15))
+    pools = [m for m in deployed.modules() if isinstance(m, VirtualPoolInference)]
+    assert len(pools) == 1 and len(pools[0].plan_summary()) == 1
+    assert pools[0].plan_summary()[0]["choice"] in pools[0].choices()

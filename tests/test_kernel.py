@@ -99,19 +99,20 @@ def test_kernel_adds_a_residual_before_the_relu(kernel_isa):
 
 
 def test_deploy_fuses_residual_blocks_whose_second_conv_runs_on_the_kernel():
-    from leancnn.deploy import KernelResidualBlock
+    from leancnn.kernels.fusion import fusions
 
     torch.manual_seed(0)
     model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS4_P4").eval()
     deployed = deploy(model)
-    fused = [m for m in deployed.modules() if isinstance(m, KernelResidualBlock)]
-    assert len(fused) == 9 and all(block.conv2.relu for block in fused)   # every block of resnet20
+    every_block = {f"features.{i}": ["conv2.0: add+relu"] for i in range(1, 10)}   # resnet20's nine blocks
+    assert fusions(deployed) == every_block
+    assert all(deployed.get_submodule(f"{name}.conv2.0").relu for name in every_block)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), rtol=1e-4, atol=1e-4)
     dense_model = leancnn.create_model("resnet20", in_channels=1, width=0.25).eval()
     dense = deploy(dense_model)   # a dense model's blocks fuse too: their convolutions are kernel layers
-    assert sum(isinstance(m, KernelResidualBlock) for m in dense.modules()) == 9
+    assert fusions(dense) == every_block
     with torch.no_grad():
         assert torch.allclose(dense(x), dense_model(x), rtol=1e-4, atol=1e-4)
 

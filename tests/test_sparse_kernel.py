@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import leancnn
-from leancnn.deploy import KernelResidualBlock, deploy, deploy_plan
+from leancnn.deploy import deploy, deploy_plan
+from leancnn.kernels.fusion import fusions
 from leancnn.kernels import plans
 from leancnn.kernels import sparse as sparse_module
 from leancnn.kernels.sparse import SparseConvInference
@@ -62,6 +63,30 @@ def test_sparse_kernel_matches_masked_dense_convolution(kernel_isa):
                         error = relative_error(got, want)
                         assert error < 1e-5, (f"{kernel_isa} {(c_in, c_out, h, w, stride, batch, k)} density={density} "
                                               f"relu={relu} pass={blocks} serial={serial}: {error:.2e}")
+
+
+@needs_kernel
+def test_the_kernel_on_the_dense_packing_matches_and_stays_out_of_the_state_dict():
+    """DENSE_PACKED: the layer's zeros packed too (one group of every filter), for small layers whose
+    sparse groups are too narrow; the same convolution, on fresh inputs, 3x3 and 1x1, both strides."""
+    for index, (c_in, c_out, h, w, stride, k) in enumerate([(8, 8, 28, 28, 1, 3), (16, 24, 7, 9, 2, 3),
+                                                           (24, 40, 8, 16, 1, 1), (33, 17, 9, 7, 2, 1)]):
+        weight, mask = masked_weight(c_out, c_in, k, 0.44, seed=40 + index)
+        bias = torch.randn(c_out)
+        layer = SparseConvInference(weight, bias, stride, mask=mask, relu=True)
+        assert sparse_module.DENSE_PACKED in layer.choices()
+        keys = set(layer.state_dict())
+        x = torch.randn(3, c_in, h, w).contiguous(memory_format=torch.channels_last)
+        residual = torch.randn(3, c_out, (h - 1) // stride + 1, (w - 1) // stride + 1)
+        with torch.no_grad():
+            got = layer.run(sparse_module.DENSE_PACKED, x, residual)
+        assert relative_error(got, reference(weight, bias, x, stride, True, residual)) < 1e-5
+        assert int(layer.dense_packed_chunk_slot[-1]) == c_out and layer.dense_packed_weights.numel() == weight.numel()
+        assert set(layer.state_dict()) == keys   # not saved, not exported as weights
+        layer.drop_dense_packing()
+        assert not any(name.startswith("dense_packed") for name, _ in layer.named_buffers())
+    full = SparseConvInference(torch.randn(4, 4, 3, 3), None, 1)
+    assert sparse_module.DENSE_PACKED not in full.choices()   # already dense: the plain kernel is the same
 
 
 @needs_kernel
@@ -188,7 +213,7 @@ def test_deploy_swaps_pruned_convolutions_and_records_their_plans():
     swapped = {name: m for name, m in deployed.named_modules() if isinstance(m, SparseConvInference)}
     # every 3x3 conv (the dense stem too: the kernel is a candidate at any density) and the two 1x1 shortcuts
     assert len(swapped) == 21 and swapped["features.0.0"].density == 1.0
-    assert sum(isinstance(m, KernelResidualBlock) for m in deployed.modules()) == 9
+    assert len(fusions(deployed)) == 9   # every residual block's add and ReLU in its conv2
     plan = deploy_plan(deployed)
     assert {row["layer"] for row in plan} == set(swapped)
     assert all(row["choice"] in row["times_ms"] and row["times_ms"][row["choice"]] == min(row["times_ms"].values())

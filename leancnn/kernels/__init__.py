@@ -3,6 +3,8 @@
 One kernel computes every sparse 3x3 (and, as its centre tap, 1x1) convolution:
 pre-defined sparse supports (pSConv) and irregular masks (DNR, magnitude pruning)
 alike; filters that share a support are grouped (leancnn/kernels/sparse.py: pack).
+A second one is ViP's interpolation back to full size in one pass
+(virtual_upsample.cpp; leancnn/kernels/virtual_pool.py).
 
 `psconv_extension()` builds leancnn/kernels/*.cpp against the
 installed torch the first time it is needed (or at `make setup`), into a cache
@@ -24,7 +26,7 @@ import torch
 SOURCE_DIR = Path(__file__).resolve().parent
 # The dispatch and Python entry points, then one translation unit per instruction set; the
 # headers are part of the build id too.
-COMPILED = ["psconv_kernel.cpp", "kernel_generic.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp"]
+COMPILED = ["psconv_kernel.cpp", "kernel_generic.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp", "virtual_upsample.cpp"]
 SOURCES = [SOURCE_DIR / name for name in COMPILED + ["kernel_common.h", "kernel_body.h"]]
 # ATen's parallel_for is OpenMP in the header: without -fopenmp it runs on one thread.
 BUILD_FLAGS = "-O3 -fopenmp"
@@ -74,7 +76,8 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
 
 def kernel_library() -> Path | None:
     """The built kernel library (a shared object): `torch.ops.load_library` on it registers
-    `torch.ops.leancnn.sparse_conv` in a process that has torch and nothing of leancnn."""
+    `torch.ops.leancnn.sparse_conv` and `torch.ops.leancnn.virtual_upsample` in a process that has
+    torch and nothing of leancnn."""
     if psconv_extension() is None:
         return None
     found = sorted(cache_dir().glob("leancnn_psconv*.so"))
@@ -82,8 +85,9 @@ def kernel_library() -> Path | None:
 
 
 def _register_operator_shapes() -> None:
-    """The fake (shape-only) implementation of leancnn::sparse_conv, for torch.compile and
-    torch.export: [N, C_out, ceil(H / stride), ceil(W / stride)], channels_last, like the kernel."""
+    """The fake (shape-only) implementations of the operators, for torch.compile and torch.export:
+    sparse_conv gives [N, C_out, ceil(H / stride), ceil(W / stride)], channels_last, like the kernel;
+    virtual_upsample [N, C, height, width] in the values' memory format."""
     if "fake" in _state:
         return
 
@@ -93,6 +97,13 @@ def _register_operator_shapes() -> None:
         n, _, h, w = input.shape
         return torch.empty((n, position.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=input.dtype,
                            device=input.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("leancnn::virtual_upsample")
+    def _virtual_upsample_shape(values, height, width):
+        n, c = values.shape[:2]
+        last = values.is_contiguous(memory_format=torch.channels_last) and not values.is_contiguous()
+        return torch.empty((n, c, height, width), dtype=values.dtype, device=values.device,
+                           memory_format=torch.channels_last if last else torch.contiguous_format)
 
     _state["fake"] = True
 

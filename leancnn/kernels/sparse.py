@@ -38,6 +38,12 @@ CHANNEL_BLOCK = 16
 # spares a small layer at batch 1 the four thread wake-ups and joins of a call (there 2 threads
 # ran a pruned resnet18 slower than 1).
 PASS_CHOICES = {"kernel": (0, False), "kernel-pass1": (1, False), "kernel-pass1-serial": (1, True)}
+# The kernel on the layer's dense packing (its zeros kept, one group of every filter), one block per
+# pass: a candidate of every layer below density 1. Small pSConv layers split into groups of two or
+# four filters, whose broadcasts feed too few FMAs: resnet20 w0.5 PS4_P4 at batch 64 (8-channel
+# layers, 1 thread, AMD EPYC Zen 5) ran 0.71 / 0.93 ms a layer sparse against 0.65 / 0.75 ms for the
+# same kernel on the dense model; without this candidate the pruned model was slower than dense.
+DENSE_PACKED = "kernel-dense"
 
 
 def chunk_sizes(filters: int, limit: int = MAX_CHUNK) -> list[int]:
@@ -110,6 +116,10 @@ def pack(weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None) ->
         "bias": (torch.zeros(out_channels) if bias is None else bias.detach().float().cpu()).contiguous(),
         "position": position,
     }
+
+
+# The packed tensors, in the order the kernel takes them.
+PACKED_NAMES = ("weights", "channels", "taps", "chunk_slot", "chunk_group", "segment_pair", "bias", "position")
 
 
 def conv_applies(conv: nn.Module) -> bool:
@@ -185,15 +195,33 @@ class SparseConvInference(nn.Module):
         return F.relu(out) if self.relu else out
 
     def kernel(self, x: torch.Tensor, residual: torch.Tensor | None = None, pass_blocks: int = 0,
-               serial: bool = False) -> torch.Tensor:
-        """The compiled kernel (channels_last inside; the output in x's memory format)."""
+               serial: bool = False, packing: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The compiled kernel (channels_last inside; the output in x's memory format) on the layer's
+        sparse packing, or on `packing` (dense_packing())."""
         # Eager calls go through pybind (about 5 us a call less than the dispatcher); graph tools
         # (torch.compile, torch.export) need the registered operator, leancnn::sparse_conv.
         call = torch.ops.leancnn.sparse_conv if capturing_graph() else psconv_extension().forward
-        out = call(x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
-                   self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position,
-                   self.stride, self.relu, residual, pass_blocks, serial)
+        if packing is None:   # the attributes spelt out: this runs per layer per call
+            out = call(x, self.packed_weights, self.packed_channels, self.packed_taps, self.packed_chunk_slot,
+                       self.packed_chunk_group, self.packed_segment_pair, self.packed_bias, self.packed_position,
+                       self.stride, self.relu, residual, pass_blocks, serial)
+        else:
+            out = call(x, *(packing[name] for name in PACKED_NAMES), self.stride, self.relu, residual, pass_blocks,
+                       serial)
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+    def dense_packing(self) -> dict[str, torch.Tensor]:
+        """The layer packed with its zeros (every tap of every filter): made on first use, kept as
+        non-persistent buffers (graphs see them; state dicts and saved files do not)."""
+        if "dense_packed_weights" not in self._buffers:
+            every_tap = torch.ones_like(self.mask)
+            for name, tensor in pack(as_3x3(self.weight), as_3x3(every_tap), self.bias).items():
+                self.register_buffer(f"dense_packed_{name}", tensor, persistent=False)
+        return {name: getattr(self, f"dense_packed_{name}") for name in PACKED_NAMES}
+
+    def drop_dense_packing(self) -> None:
+        for name in PACKED_NAMES:
+            self._buffers.pop(f"dense_packed_{name}", None)
 
     def kernel_plan(self, x: torch.Tensor, choice: str = "kernel") -> dict:
         """How the compiled kernel would run this layer on `x` (shape only) on this machine, for one
@@ -216,7 +244,7 @@ class SparseConvInference(nn.Module):
         # The kernel is a candidate at every density: at batch 1 it beat oneDNN even on dense
         # layers (resnet20 w1 dense, 1 thread, AMD EPYC Zen 3: 3.9 -> 2.5 ms; docs/deploy.md).
         if psconv_extension() is not None:
-            names += list(PASS_CHOICES)
+            names += list(PASS_CHOICES) + ([DENSE_PACKED] if self.density < 1 else [])
         return names
 
     def run(self, choice: str, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,6 +253,8 @@ class SparseConvInference(nn.Module):
             return self.dense(x, residual)
         if choice in PASS_CHOICES:
             return self.kernel(x, residual, *PASS_CHOICES[choice])
+        if choice == DENSE_PACKED:
+            return self.kernel(x, residual, 1, False, packing=self.dense_packing())
         if choice == "dense-other-format":
             this = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             other = torch.contiguous_format if this is torch.channels_last else torch.channels_last
@@ -250,6 +280,8 @@ class SparseConvInference(nn.Module):
                 or x.dim() != 4 or (torch.is_grad_enabled() and x.requires_grad) \
                 or (residual is not None and (residual.dtype != torch.float32 or residual.requires_grad)):
             return self.dense(x, residual)
+        if residual is not None and residual.shape != self.output_shape(x):
+            return self.dense(x, residual)   # a broadcasting add (fused from a graph): the kernel adds same-shaped
         if capturing_graph():
             # A graph is being captured (fake tensors, maybe a symbolic batch: nothing to time, and
             # no branching on the shape): what the last eager call ran (deploy(example_inputs=...) makes
@@ -263,8 +295,14 @@ class SparseConvInference(nn.Module):
             key = self.plan_key(x, residual)
             self.plans[key] = plans.choose(key, self.implementations(x, residual))
             choice = self._choice[fast_key] = self.plans[key]["choice"]
+            if DENSE_PACKED not in self._choice.values():
+                self.drop_dense_packing()   # timed, not chosen: its memory back
         self._last_choice = choice
         return self.run(choice, x, residual)
+
+    def output_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        n, _, h, w = x.shape
+        return (n, self.out_channels, (h - 1) // self.stride + 1, (w - 1) // self.stride + 1)
 
     def plan_summary(self) -> list[dict]:
         """The plans this layer made or read: one dict per key (batch, threads, format)."""

@@ -16,15 +16,34 @@ from torch import nn
 from ..errors import LeancnnError
 
 
+# AMD's x86 families by (family, first model, last model): a VM often reports only "AMD EPYC", and
+# Zen 3, Zen 4 and Zen 5 differ in what pays (AVX-512 or not, 256- or 512-bit units).
+AMD_CORES = [(23, 0x00, 0x2F, "Zen/Zen+"), (23, 0x30, 0xFF, "Zen 2"), (25, 0x00, 0x0F, "Zen 3"),
+             (25, 0x10, 0x1F, "Zen 4"), (25, 0x20, 0x5F, "Zen 3"), (25, 0x60, 0xAF, "Zen 4"), (26, 0x00, 0xFF, "Zen 5")]
+
+
 def cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers (and AMD's core generation), e.g.
+    "AMD EPYC (Zen 5, family 26 model 2)": the name alone does not tell which machine a table came from."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "vendor_id") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break   # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if not (fields.get("cpu family", "").isdigit() and fields.get("model", "").isdigit()):
+        return name
+    family, model = int(fields["cpu family"]), int(fields["model"])
+    core = next((c for f, lo, hi, c in AMD_CORES if f == family and lo <= model <= hi), None) \
+        if fields.get("vendor_id") == "AuthenticAMD" else None
+    return f"{name} ({core + ', ' if core else ''}family {family} model {model})"
 
 
 def machine() -> dict[str, Any]:
