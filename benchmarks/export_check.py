@@ -26,16 +26,17 @@ from leancnn.config import TrainConfig, load_config
 from leancnn.deploy import deploy
 from leancnn.experiment import prepare_data, train_run
 from leancnn.export import export_run
+from leancnn.kernels import expose_operator_shims
 from leancnn.io import load_tensors, save_tensors
 from leancnn.runs import load_run, read_result
 
 # A fresh interpreter: the kernel library, the package, the images; nothing of leancnn.
 LOADER = """
-import sys, torch, torch._inductor
+import ctypes, os, sys, torch, torch._inductor
 from safetensors.torch import load_file, save_file
 package, library, images, out = sys.argv[1:5]
 if library:
-    torch.ops.load_library(library)
+    ctypes.CDLL(library, mode=os.RTLD_GLOBAL)   # as the card says
 runner = torch._inductor.aoti_load_package(package)
 images = load_file(images)["images"]
 with torch.no_grad():
@@ -67,10 +68,13 @@ def main() -> None:
     dataset = prepare_data(replace(config, test_subset=None))
     model, architecture = load_run(run_dir)
     shape = tuple(architecture["input_shape"])
+    # Pixels in [0, 1], float32, as leancnn's loaders give them (the dataset keeps uint8): the program
+    # was exported for float input, and AOTInductor does not check dtypes (uint8 crashed the loader).
+    images = dataset.test_images.float().div_(255.0).contiguous()
     with torch.no_grad():
-        model_top1 = float((torch.cat([model(dataset.test_images[i:i + 500]) for i in range(0, len(dataset.test_labels), 500)])
+        model_top1 = float((torch.cat([model(images[i:i + 500]) for i in range(0, len(dataset.test_labels), 500)])
                             .argmax(1) == dataset.test_labels).float().mean())
-    save_tensors(work / "images.safetensors", {"images": dataset.test_images.contiguous()})
+    save_tensors(work / "images.safetensors", {"images": images})
     runs = 20 if args.quick else args.runs
     rows = []
     for batch in (1, 64):
@@ -80,11 +84,12 @@ def main() -> None:
         done = subprocess.run([sys.executable, "-c", LOADER, str(package), library, str(work / "images.safetensors"),
                                str(work / "logits.safetensors")], capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise SystemExit(f"the fresh process failed: {done.stderr[-2000:]}")
+            raise SystemExit(f"the fresh process failed (exit {done.returncode}): {done.stderr[-2000:]}")
         logits = load_tensors(work / "logits.safetensors")["logits"]
         shipped_top1 = float((logits.argmax(1) == dataset.test_labels).float().mean())
         x = torch.rand(batch, *shape)
         deployed = deploy(model, example_inputs=[x])
+        expose_operator_shims()
         runner = torch._inductor.aoti_load_package(str(package))
         deployed_s, shipped_s = paired_seconds([lambda: deployed(x), lambda: runner(x)],
                                                runs if batch == 1 else max(runs // 10, 5))

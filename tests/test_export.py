@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -21,12 +22,12 @@ from .conftest import tiny_config
 
 # Runs in a fresh interpreter: torch, the kernel library and the file; nothing of leancnn.
 LOADER = """
-import sys, torch, torch._inductor
+import ctypes, os, sys, torch, torch._inductor
 from safetensors.torch import load_file, save_file
 folder = sys.argv[1]
 card = __import__("json").load(open(folder + "/model.pt2.card.json"))
 if card["kernel_library"]:
-    torch.ops.load_library(folder + "/" + card["kernel_library"])
+    ctypes.CDLL(folder + "/" + card["kernel_library"], mode=os.RTLD_GLOBAL)   # as the card says
 program = torch._inductor.aoti_load_package(folder + "/model.pt2")
 images = load_file(folder + "/images.safetensors")["images"]
 with torch.no_grad():
@@ -55,6 +56,11 @@ def test_pt2_runs_in_a_process_without_leancnn_and_matches_the_run(psconv_run, t
     if psconv_extension() is not None:   # the graph runs the sparse kernel, shipped beside the file
         assert card["kernel_library"] == "model.pt2.kernels.so" and (tmp_path / card["kernel_library"]).is_file()
         assert len(card["deploy_plan"]) == 21   # resnet20's 19 3x3 and 2 1x1 convolutions, each planned
+        # The compiled program calls the kernel's C shim, not AOTInductor's proxy executor (which
+        # boxes every argument of every call).
+        with zipfile.ZipFile(out) as package:
+            wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp"))
+        assert "CHECK(aoti_torch_cpu_sparse_conv(" in wrapper and "proxy_executor_call_function" not in wrapper
     images = fresh_images(psconv_run.run_dir, 5)      # another batch size than the one planned for
     save_tensors(tmp_path / "images.safetensors", {"images": images})
     done = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, timeout=300)

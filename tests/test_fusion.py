@@ -103,3 +103,24 @@ def test_mobilenetv2_inverted_residuals_fuse_their_add_into_the_projection():
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class CalledTwice(nn.Module):
+    """One layer called twice: fusing its ReLU into the first call would change the second."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.relu(self.conv(x)))
+
+
+def test_a_layer_called_twice_is_not_fused():
+    torch.manual_seed(4)
+    model = CalledTwice(4).eval()
+    deployed = deploy(model, graph="eager")
+    assert fusions(deployed) == {}
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)

@@ -14,6 +14,7 @@ to the masked dense convolution.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import sys
@@ -26,8 +27,9 @@ import torch
 SOURCE_DIR = Path(__file__).resolve().parent
 # The dispatch and Python entry points, then one translation unit per instruction set; the
 # headers are part of the build id too.
-COMPILED = ["psconv_kernel.cpp", "kernel_generic.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp", "virtual_upsample.cpp"]
-SOURCES = [SOURCE_DIR / name for name in COMPILED + ["kernel_common.h", "kernel_body.h"]]
+COMPILED = ["psconv_kernel.cpp", "kernel_generic.cpp", "kernel_avx2.cpp", "kernel_avx512.cpp", "virtual_upsample.cpp",
+            "aoti_shims.cpp"]
+SOURCES = [SOURCE_DIR / name for name in COMPILED + ["kernel_common.h", "kernel_body.h", "kernel_ops.h"]]
 # ATen's parallel_for is OpenMP in the header: without -fopenmp it runs on one thread.
 BUILD_FLAGS = "-O3 -fopenmp"
 _state: dict[str, object] = {}
@@ -82,6 +84,16 @@ def kernel_library() -> Path | None:
         return None
     found = sorted(cache_dir().glob("leancnn_psconv*.so"))
     return found[0] if found else None
+
+
+def expose_operator_shims() -> Path | None:
+    """Load the kernel library with RTLD_GLOBAL, so that an AOTInductor package compiled to call its
+    C shims (aoti_shims.cpp) finds them; returns the library (None without a kernel). Loading it
+    this way also registers the operators, as torch.ops.load_library does."""
+    library = kernel_library()
+    if library is not None and "shims" not in _state:
+        _state["shims"] = ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
+    return library
 
 
 def _register_operator_shapes() -> None:

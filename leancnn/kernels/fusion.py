@@ -63,11 +63,15 @@ def _drop_identities(root: nn.Module, graph: fx.Graph) -> None:
 def _fuse_graph(root: nn.Module, graph: fx.Graph, call_counts: dict[int, int]) -> list[str]:
     """Rewrite `graph` in place; returns what was fused ("conv2.0: add+relu", ...)."""
     fused = []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
     for node in list(graph.nodes):
         layer = _called_module(root, node)
         if (not isinstance(layer, SparseConvInference) or layer.relu or len(node.args) != 1 or node.kwargs
-                or len(node.users) != 1 or call_counts.get(id(layer), 0) != 1):
-            continue   # the layer must be called once, on one input, with the add or ReLU its only user
+                or len(node.users) != 1 or call_counts.get(id(layer), 0) != 1 or calls[node.target] != 1):
+            continue   # the layer must be in one place and called once, on one input, the add or ReLU its only user
         user = next(iter(node.users))
         if _is_add(user):
             residual = user.args[1] if user.args[0] is node else user.args[0]

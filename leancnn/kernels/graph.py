@@ -8,6 +8,14 @@ another (resnet20 at width 0.5, one thread, AMD EPYC Zen 3: eager 3.3 ms, the fr
 made for the key, so it runs the same implementations, minus the interpreter between them.
 A model that cannot be traced runs eager, with one warning saying why.
 
+In auto mode each of the two also runs with the input entering as channels_last (one conversion
+at the model's entry), where it does not already: the kernel layers compute in channels_last, and a
+model fed NCHW converts in and out at every one of them. A one-channel image (Fashion-MNIST's) is
+NCHW-strided even after `.contiguous(memory_format=torch.channels_last)` (PyTorch leaves a size-1
+channel dimension's strides alone), so oneDNN's first convolution wrote NCHW and the whole model
+ran NCHW: resnet20 w0.5 with ViP at batch 1 spent 17 us a block in upsampling NCHW maps that take
+5 us channels_last (AMD EPYC Zen 5). The entry view restrides such an input explicitly.
+
 The choice lives in the process (a traced graph cannot be cached on disk across torch builds
 cheaply); tracing and timing take about a second per new key.
 """
@@ -25,6 +33,21 @@ from . import plans
 from .sparse import capturing_graph
 
 GRAPH_MODES = ("auto", "eager", "torchscript")
+CHANNELS_LAST_ENTRY = " + channels_last entry"   # suffix of a choice that converts the input first
+
+
+def channels_last_entry(x: torch.Tensor) -> torch.Tensor:
+    """`x` with channels_last strides, a view when it has one channel (whose strides PyTorch's
+    .contiguous(memory_format=...) leaves as NCHW), so that the layers after it see channels_last."""
+    if x.shape[1] == 1:
+        n, c, h, w = x.shape
+        return x.contiguous().as_strided(x.shape, (c * h * w, 1, w * c, c))
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def strictly_channels_last(x: torch.Tensor) -> bool:
+    """Strides say channels_last, channel stride 1 (what layers downstream go by), not only 'could be'."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1
 
 
 class GraphPlans:
@@ -47,7 +70,7 @@ class GraphPlans:
         if (self.mode == "eager" or not isinstance(x, torch.Tensor) or capturing_graph() or x.requires_grad
                 or x.device.type != "cpu" or torch.onnx.is_in_onnx_export() or self.hooked()):
             return self.eager(*args, **kwargs)
-        key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), torch.get_num_threads())
+        key = (tuple(x.shape), x.stride(), torch.get_num_threads())
         run = self.runs.get(key)
         if run is None:
             run = self.runs[key] = self._plan(x, key)
@@ -62,32 +85,63 @@ class GraphPlans:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
 
     def _plan(self, x: torch.Tensor, key: tuple):
-        name = f"batch={key[0][0]} input={'x'.join(map(str, key[0][1:]))} " \
-               f"{'channels_last' if key[1] else 'contiguous'} threads={key[2]}"
+        fmt = "channels_last" if strictly_channels_last(x) else "contiguous"
+        name = f"batch={key[0][0]} input={'x'.join(map(str, key[0][1:]))} {fmt} threads={key[2]}"
+        entries = {"": None}
+        if self.mode == "auto" and x.dim() == 4 and not strictly_channels_last(x):
+            entries[CHANNELS_LAST_ENTRY] = channels_last_entry
+        candidates: dict[str, Any] = {}
         with torch.no_grad():
-            self.eager(x)   # the layers' plans for this key first: the graph bakes in their choices
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")   # TorchScript's deprecation and tracer notes
-                    graph = torch.jit.freeze(torch.jit.trace(self.model, (x,), check_trace=False).eval())
-                    graph(x)  # the profiling executor specialises on its first calls
-            except Exception as error:  # noqa: BLE001  (any tracing failure: run eager, say why)
-                first = first_line(error)
-                warnings.warn(f"leancnn: {type(self.model).__name__} runs eager: TorchScript cannot trace it "
-                              f"({type(error).__name__}: {first[:200]})", RuntimeWarning, stacklevel=3)
-                self.plans[name] = {"choice": "eager", "times_ms": {}, "reason": first[:200]}
-                return self.eager
-            if self.mode == "torchscript":
-                self.plans[name] = {"choice": "torchscript", "times_ms": {}}
-                return graph
-            times = plans.time_candidates({"eager": lambda: self.eager(x), "torchscript": lambda: graph(x)})
+            for suffix, convert in entries.items():
+                given = x if convert is None else convert(x)
+                self.eager(given)   # the layers' plans for this input first: the graph bakes in their choices
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")   # TorchScript's deprecation and tracer notes
+                        graph = torch.jit.freeze(torch.jit.trace(self.model, (given,), check_trace=False).eval())
+                        graph(given)  # the profiling executor specialises on its first calls
+                except Exception as error:  # noqa: BLE001  (any tracing failure: run eager, say why)
+                    first = first_line(error)
+                    warnings.warn(f"leancnn: {type(self.model).__name__} runs eager: TorchScript cannot trace it "
+                                  f"({type(error).__name__}: {first[:200]})", RuntimeWarning, stacklevel=3)
+                    self.plans[name] = {"choice": "eager", "times_ms": {}, "reason": first[:200]}
+                    return self.eager
+                if self.mode == "torchscript":
+                    self.plans[name] = {"choice": "torchscript", "times_ms": {}}
+                    return graph
+                candidates["eager" + suffix] = _entered(self.eager, convert)
+                candidates["torchscript" + suffix] = _entered(graph, convert)
+            times = plans.time_candidates({label: (lambda run=run: run(x)) for label, run in candidates.items()})
         choice = min(times, key=times.get)
         self.plans[name] = {"choice": choice, "times_ms": times}
-        return graph if choice == "torchscript" else self.eager
+        return candidates[choice]
 
     def __deepcopy__(self, memo):
         # A copy re-plans: traced graphs hold the original's frozen weights.
         return GraphPlans(copy.deepcopy(self.model, memo), self.mode)
+
+
+class ChannelsLastEntry(nn.Module):
+    """`model` with its input entering as channels_last (channels_last_entry): what an exported
+    program runs when the deployed model's plan chose the entry (leancnn.export)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(channels_last_entry(x))
+
+
+def chose_channels_last_entry(model: nn.Module) -> bool:
+    """Whether the deployed model's last graph plan converts the input to channels_last first."""
+    planned = graph_plan(model)
+    return bool(planned) and planned[-1]["choice"].endswith(CHANNELS_LAST_ENTRY)
+
+
+def _entered(run, convert):
+    """`run` on the input as it comes, or converted first."""
+    return run if convert is None else (lambda x: run(convert(x)))
 
 
 _DEPLOYED_CLASSES: dict[type, type] = {}

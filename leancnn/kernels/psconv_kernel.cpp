@@ -39,6 +39,7 @@
 #include <ATen/Parallel.h>
 
 #include "kernel_common.h"
+#include "kernel_ops.h"
 
 #include <cstdlib>
 #include <string>
@@ -388,6 +389,16 @@ py::dict plan(int64_t images, int64_t in_channels, int64_t in_h, int64_t in_w, t
 std::string isa() { return isa_name(detect()); }
 
 }  // namespace
+
+// The operator's entry for other translation units (aoti_shims.cpp): the same forward.
+torch::Tensor sparse_conv(torch::Tensor input, torch::Tensor weights, torch::Tensor channels, torch::Tensor taps,
+                          torch::Tensor chunk_slot, torch::Tensor chunk_group, torch::Tensor segment_pair,
+                          torch::Tensor bias, torch::Tensor position, int64_t stride, bool relu,
+                          const c10::optional<torch::Tensor>& residual, int64_t pass_blocks, bool serial) {
+  return forward(input, weights, channels, taps, chunk_slot, chunk_group, segment_pair, bias, position, stride, relu,
+                 residual, pass_blocks, serial);
+}
+
 }  // namespace leancnn
 
 // The same kernel as a PyTorch operator, so that graph tools (torch.compile, torch.export,

@@ -10,7 +10,8 @@
 // The loops are plain C++ compiled for AVX-512, AVX2 and baseline x86-64 (GCC's target_clones,
 // chosen at load time by the CPU), so no vector unit is assumed. Rows are split between ATen's
 // threads; a small call stays in the calling thread.
-#include <torch/extension.h>
+#include "kernel_ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
