@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from leancnn.kernels import cache_root  # noqa: E402
+from leancnn.kernels import cache_root, psconv_extension  # noqa: E402
 from leancnn.measure.latency import cpu_model, fastest_format_latency  # noqa: E402
 
 
@@ -45,6 +45,14 @@ def paired_seconds(fns: list, runs: int, warmup_seconds: float = 0.3) -> list[fl
 def pin_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def kernel_machine_line(threads: int = 1) -> str:
+    """The machine line, the kernel's instruction set and the measured FMA peak on `threads` threads."""
+    extension = psconv_extension()
+    isa = extension.isa() if extension is not None else "avx2"
+    return (f"{machine_line()}; kernel ISA {isa if extension is not None else 'none (not built)'}, "
+            f"measured FMA peak {fma_peak_gflops(isa, threads):.0f} GFLOP/s ({threads} thread(s))")
 
 
 def machine_line() -> str:

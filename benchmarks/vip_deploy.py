@@ -18,11 +18,10 @@ import argparse
 
 import torch
 
-from common import fma_peak_gflops, machine_line, paired_seconds, pin_threads, publish
+from common import kernel_machine_line, paired_seconds, pin_threads, publish
 
 import leancnn
 from leancnn.deploy import deploy
-from leancnn.kernels import psconv_extension
 from leancnn.kernels.virtual_pool import VirtualPoolInference
 from leancnn.measure.onnx_latency import onnx_available, onnx_session
 from leancnn.methods.vip import wrap
@@ -108,9 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     pin_threads(1)
     width, runs = (0.25, 10) if args.quick else (0.5, args.runs)
-    extension = psconv_extension()
-    isa = extension.isa() if extension is not None else "avx2"
-    header = f"{machine_line()}; kernel ISA {isa}, measured FMA peak {fma_peak_gflops(isa, 1):.0f} GFLOP/s (1 thread)"
+    header = kernel_machine_line(1)
     print(header, flush=True)
     rows = []
     for name in args.models:
