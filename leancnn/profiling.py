@@ -37,7 +37,7 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...], *, deployed: b
             first_plan.setdefault(row["layer"], row)
         for layer in output["layers"]:
             plan = first_plan.get(layer["name"])
-            if plan is not None:
+            if plan is not None and "dense" in plan["times_ms"]:   # a convolution's plan (not a ViP upsample's)
                 layer["runs"] = plan["choice"]
                 layer["runs_ms"] = plan["times_ms"][plan["choice"]]
                 layer["dense_ms"] = plan["times_ms"]["dense"]

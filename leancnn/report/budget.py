@@ -109,7 +109,7 @@ def default_budget(rows: list[dict[str, Any]]) -> Budget | None:
     onnx = any(r.get("label") == DENSE_ONNX_LABEL and not r.get("error") for r in rows)
     return Budget({"latency_ms": round(fastest / DEFAULT_SPEEDUP, 4)}, 1,
                   origin="default: faster than the dense model at batch 1 on this machine"
-                         + (" (the faster of deployed PyTorch and ONNX Runtime)" if onnx else ""))
+                         + (", run the faster way: deployed PyTorch or ONNX Runtime" if onnx else ""))
 
 
 @dataclass
