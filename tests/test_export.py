@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from leancnn.cli import main
+from leancnn.compress import compress_run
 from leancnn.experiment import train_run
+from leancnn.export import export_run
 from leancnn.io import load_tensors, save_tensors
 from leancnn.kernels import psconv_extension
 from leancnn.measure.onnx_latency import onnx_available
@@ -71,6 +73,26 @@ def test_pt2_runs_in_a_process_without_leancnn_and_matches_the_run(psconv_run, t
     with torch.no_grad():
         expected = model(images)
     assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(psconv_extension() is None, reason="no C++ compiler: the kernels could not be built")
+def test_pt2_of_a_vip_model_calls_the_upsample_shim_and_matches_in_a_fresh_process(psconv_run, tmp_path):
+    """ViP on the PS4_P4 run's stem: the package calls leancnn::virtual_upsample through its C shim."""
+    vip = compress_run(psconv_run.run_dir, ["vip:layers=features.0"], epochs=0, out=tmp_path / "vip", progress=False,
+                       latency=False)
+    out = tmp_path / "model.pt2"
+    card = export_run(vip.run_dir, "pt2", out, log=lambda line: None)
+    with zipfile.ZipFile(out) as package:
+        wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp"))
+    assert "CHECK(aoti_torch_cpu_virtual_upsample(" in wrapper and "proxy_executor_call_function" not in wrapper
+    images = fresh_images(vip.run_dir, 3)
+    save_tensors(tmp_path / "images.safetensors", {"images": images})
+    done = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model, _ = load_run(vip.run_dir)
+    with torch.no_grad():
+        assert torch.allclose(load_tensors(tmp_path / "logits.safetensors")["logits"], model(images), atol=1e-5, rtol=1e-4)
+    assert card["kernel_library"] == "model.pt2.kernels.so"
 
 
 @pytest.mark.skipif(not onnx_available(), reason="needs the onnx extra")

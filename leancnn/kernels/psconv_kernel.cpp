@@ -198,7 +198,9 @@ void run_problem(const Inputs& in, const Plan& plan, bool serial, const Steps& s
     });
     return;
   }
-  Buffer plane_buffer;
+  // The calling thread's buffers, kept from call to call like the per-batch path's (the workers
+  // only write into them during the call), rather than a fresh block per layer and call.
+  static thread_local Buffer plane_buffer;
   float* planes = plane_buffer.get(plane_floats);
   zero_slack(p, planes, p.images);
   for (int phase = 0; phase < 2; ++phase)  // phase 1 reads what all of phase 0 wrote
@@ -216,8 +218,8 @@ void run_problem(const Inputs& in, const Plan& plan, bool serial, const Steps& s
   // A few tiles (one small image): the threads share each tile's chunks, then its output channels.
   const int64_t parts = std::min<int64_t>(p.chunks, (4 * threads + tiles - 1) / tiles);
   const int64_t filter_blocks = (p.out_channels + kPixelVector - 1) / kPixelVector;
-  Buffer stage_buffer;
-  float* stages = stage_buffer.get(tiles * stage_floats);
+  static thread_local Buffer shared_stage_buffer;
+  float* stages = shared_stage_buffer.get(tiles * stage_floats);
   parallel(serial, 0, tiles * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / parts, part = item % parts;
