@@ -37,6 +37,9 @@ SHAPES = [(16, 16, 5, 5, 1, 1), (7, 13, 9, 6, 1, 3), (20, 40, 1, 1, 1, 2), (24, 
           # image or many, one or two pixel vectors per output row
           (32, 48, 19, 16, 1, 1), (24, 40, 8, 16, 1, 5), (20, 36, 3, 32, 1, 4),
           (16, 24, 6, 32, 2, 2), (20, 36, 7, 64, 2, 5),
+          # wider layers over row planes past 256 KB an image: tiles of two rows, of three vectors per
+          # row (tiles straddle rows), and at stride 2
+          (64, 24, 40, 32, 1, 4), (40, 16, 30, 48, 1, 4), (64, 16, 20, 64, 2, 4),
           # many small images: each thread rearranges its own batch of images (the last one short)
           (16, 16, 2, 3, 1, 40), (40, 24, 9, 9, 2, 12),
           # stride 1, rows ending in a partly padded pixel vector (row planes): one image and many
