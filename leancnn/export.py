@@ -82,7 +82,7 @@ def _write_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path,
     # image otherwise runs NCHW through every layer); torch.export then captures the eager path, on
     # each layer's choice for the last input it ran, which is this one.
     deployed = deploy(model, example_inputs=[example])
-    entered = chose_channels_last_entry(deployed)
+    entered = chose_channels_last_entry(deployed, example)
     with torch.no_grad():
         deployed.leancnn_graph_plans.eager(channels_last_entry(example) if entered else example)
     captured = ChannelsLastEntry(deployed) if entered else deployed

@@ -97,3 +97,33 @@ def test_the_channels_last_entry_exports_with_a_dynamic_batch():
         assert any(str(node.target).startswith("leancnn.sparse_conv") for node in program.graph.nodes)
         x = torch.rand(3, 1, 16, 16)
         assert torch.allclose(program.module()(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _MixesTheBatch(nn.Module):
+    """Each image's output depends on the others (the batch mean): running it in chunks would differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return y - y.mean(0, keepdim=True)
+
+
+def test_a_large_batch_may_run_in_chunks_where_they_give_the_same_output():
+    torch.manual_seed(5)
+    model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS1_P9").eval()
+    deployed = deploy(model)
+    x = torch.rand(32, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+    plan = next(p for p in graph_plan(deployed) if p["key"].startswith("batch=32 "))
+    assert "chunks of 8" in plan["times_ms"] and "chunks of 16" not in plan["times_ms"]   # 32 < 4 x 16
+    assert plan["choice"] == min(plan["times_ms"], key=plan["times_ms"].get)
+    assert any(p["key"].startswith("batch=8 ") for p in graph_plan(deployed))   # the chunk's own plan
+    mixing = _MixesTheBatch().eval()
+    deployed_mixing = deploy(mixing)
+    with torch.no_grad():
+        assert torch.allclose(deployed_mixing(x), mixing(x), atol=1e-5)
+    assert not any("chunks" in label for p in graph_plan(deployed_mixing) for label in p["times_ms"])
