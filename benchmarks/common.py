@@ -103,6 +103,26 @@ def publish(name: str, block: str, data, document: str, marker: str | None = Non
     splice_doc(block, marker or name.replace("_", "-"), document)
 
 
+@torch.no_grad()
+def with_batch_norm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """An untrained model's batch norms given non-trivial running statistics (in place), so that
+    folding them is not the identity; time does not depend on the values."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def print_and_publish(name: str, header: str, how: str, table: str, rows, quick: bool, document: str) -> None:
+    """The block a benchmark ends with (machine line, the command and how it timed, the table),
+    printed, and unless `quick` published (publish) into `document`."""
+    block = f"{header}\n\n`.venv/bin/python benchmarks/{name}.py` ({how})\n\n{table}"
+    print(block)
+    if not quick:
+        publish(name, block, rows, document)
+
+
 def fma_peak_gflops(isa: str, threads: int, seconds: float = 0.5) -> float:
     """The measured FMA peak (GFLOP/s) of `isa` ("avx512" or "avx2", as the kernel reports it)
     on `threads` threads: benchmarks/fma_peak.cpp, built once into leancnn's cache."""

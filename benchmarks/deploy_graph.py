@@ -15,11 +15,11 @@ import argparse
 
 import torch
 
-from common import kernel_machine_line, paired_seconds, pin_threads, publish
+from common import kernel_machine_line, with_batch_norm_statistics, paired_seconds, pin_threads, print_and_publish
 
 import leancnn
 from leancnn.deploy import deploy
-from leancnn.kernels.graph import graph_plan
+from leancnn.kernels.graph import plan_for
 from leancnn.measure.onnx_latency import onnx_available, onnx_session
 
 METHODS = ["dense", "PS4_P4", "PS1_P9"]
@@ -42,13 +42,7 @@ def build(name: str, method: str, width: float) -> torch.nn.Module:
     model = leancnn.create_model(name, num_classes=10, in_channels=INPUTS[name][0], width=width)
     if method != "dense":
         model = leancnn.apply_method(model, method)
-    model.eval()
-    with torch.no_grad():   # non-trivial batch-norm statistics, so folding is not the identity
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+    return with_batch_norm_statistics(model.eval())
 
 
 def row(name: str, method: str, width: float, batch: int, runs: int, ort) -> dict:
@@ -70,7 +64,7 @@ def row(name: str, method: str, width: float, batch: int, runs: int, ort) -> dic
         seconds = paired_seconds(fns, runs)
         for candidate, value in zip(names, seconds):
             best[candidate] = min(best.get(candidate, float("inf")), value * 1e3)
-        choices[str(fmt).split(".")[-1]] = graph_plan(auto)[0]["choice"]
+        choices[str(fmt).split(".")[-1]] = plan_for(auto, x)["choice"]
     return {"model": name, "method": method, "width": width, "batch": batch, "ms": best, "auto_choice": choices}
 
 
@@ -111,11 +105,8 @@ def main() -> None:
             for method in METHODS:
                 rows.append(row(name, method, width, batch, runs if batch == 1 else max(runs // 10, 5), ort))
                 print(rows[-1], flush=True)
-    block = (f"{header}\n\n`.venv/bin/python benchmarks/deploy_graph.py` (1 thread, medians of alternating "
-             f"rounds, the faster memory format per column; ONNX Runtime runs the dense model)\n\n{markdown(rows)}")
-    print(block)
-    if not args.quick:
-        publish("deploy_graph", block, rows, "docs/deploy.md")
+    print_and_publish("deploy_graph", header, "1 thread, medians of alternating rounds, the faster memory format per "
+                      "column; ONNX Runtime runs the dense model", markdown(rows), rows, args.quick, "docs/deploy.md")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from common import kernel_machine_line, paired_seconds, pin_threads, publish
+from common import kernel_machine_line, with_batch_norm_statistics, paired_seconds, pin_threads, print_and_publish
 
 import leancnn
 from leancnn.deploy import deploy
@@ -39,13 +39,7 @@ def build(name: str, width: float, vip: bool) -> torch.nn.Module:
     model = leancnn.create_model(name, num_classes=10, in_channels=SHAPE[0], width=width)
     if vip:
         model = wrap(model, BLOCKS[name])
-    model.eval()
-    with torch.no_grad():   # non-trivial batch-norm statistics, so folding is not the identity
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
+    return with_batch_norm_statistics(model.eval())
 
 
 def reference_upsample(deployed: torch.nn.Module) -> torch.nn.Module:
@@ -114,11 +108,8 @@ def main() -> None:
         for batch in (1, 64):
             rows.append(row(name, width, batch, runs if batch == 1 else max(runs // 10, 5)))
             print(rows[-1], flush=True)
-    block = (f"{header}\n\n`.venv/bin/python benchmarks/vip_deploy.py` (1 thread, medians of alternating rounds, "
-             f"the faster memory format per column)\n\n{markdown(rows)}")
-    print(block)
-    if not args.quick:
-        publish("vip_deploy", block, rows, "docs/deploy.md")
+    print_and_publish("vip_deploy", header, "1 thread, medians of alternating rounds, the faster memory format per "
+                      "column", markdown(rows), rows, args.quick, "docs/deploy.md")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ channel dimension's strides alone), so oneDNN's first convolution wrote NCHW and
 ran NCHW: resnet20 w0.5 with ViP at batch 1 spent 17 us a block in upsampling NCHW maps that take
 5 us channels_last (AMD EPYC Zen 5). The entry view restrides such an input explicitly.
 
+A batch of 32 or more may also run in chunks of 8 or 16 images, one after the other, each chunk on
+its own plan, where that measured faster and gives the same output: at batch 64 every layer's
+activations go through DRAM, in chunks they stay in cache (_chunk_candidates).
+
 The choice lives in the process (a traced graph cannot be cached on disk across torch builds
 cheaply); tracing and timing take about a second per new key.
 """
@@ -166,13 +170,16 @@ class ChannelsLastEntry(nn.Module):
         return self.model(channels_last_entry(x))
 
 
+def plan_for(model: nn.Module, x: torch.Tensor) -> dict | None:
+    """The deployed model's whole-model plan for input `x` (once it has run on such an input), else None."""
+    runner = getattr(model, "leancnn_graph_plans", None)
+    return runner.plans.get(plan_name(x)) if isinstance(runner, GraphPlans) else None
+
+
 def chose_channels_last_entry(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether the deployed model's plan for input `x` (already planned) converts it to channels_last
     first (a batch run in chunks: whether its whole-batch form did)."""
-    runner = getattr(model, "leancnn_graph_plans", None)
-    if not isinstance(runner, GraphPlans):
-        return False
-    return bool(runner.plans.get(plan_name(x), {}).get("entry"))
+    return bool((plan_for(model, x) or {}).get("entry"))
 
 
 def _entered(run, convert):
