@@ -9,6 +9,7 @@ from torch import nn
 
 import leancnn
 from leancnn.deploy import deploy
+from leancnn.kernels import graph
 from leancnn.kernels.graph import CHANNELS_LAST_ENTRY, ChannelsLastEntry, channels_last_entry, graph_plan
 from leancnn.measure import count
 
@@ -111,7 +112,8 @@ class _MixesTheBatch(nn.Module):
         return y - y.mean(0, keepdim=True)
 
 
-def test_a_large_batch_may_run_in_chunks_where_they_give_the_same_output():
+def test_a_large_batch_may_run_in_chunks_where_they_give_the_same_output(monkeypatch):
+    monkeypatch.setattr(graph, "CHUNK_MIN_MS", 0.0)   # a toy model: chunks are tried however fast it runs
     torch.manual_seed(5)
     model = leancnn.apply_method(leancnn.create_model("resnet20", in_channels=1, width=0.25), "PS1_P9").eval()
     deployed = deploy(model)
@@ -127,3 +129,12 @@ def test_a_large_batch_may_run_in_chunks_where_they_give_the_same_output():
     with torch.no_grad():
         assert torch.allclose(deployed_mixing(x), mixing(x), atol=1e-5)
     assert not any("chunks" in label for p in graph_plan(deployed_mixing) for label in p["times_ms"])
+
+
+def test_a_fast_batch_is_not_chunked():
+    torch.manual_seed(6)
+    model = leancnn.create_model("resnet20", in_channels=1, width=0.25).eval()
+    deployed = deploy(model)
+    with torch.no_grad():
+        deployed(torch.rand(32, 1, 8, 8))   # well under CHUNK_MIN_MS
+    assert not any("chunks" in label for p in graph_plan(deployed) for label in p["times_ms"])

@@ -16,9 +16,10 @@ channel dimension's strides alone), so oneDNN's first convolution wrote NCHW and
 ran NCHW: resnet20 w0.5 with ViP at batch 1 spent 17 us a block in upsampling NCHW maps that take
 5 us channels_last (AMD EPYC Zen 5). The entry view restrides such an input explicitly.
 
-A batch of 32 or more may also run in chunks of 8 or 16 images, one after the other, each chunk on
-its own plan, where that measured faster and gives the same output: at batch 64 every layer's
-activations go through DRAM, in chunks they stay in cache (_chunk_candidates).
+A batch of 32 or more that takes CHUNK_MIN_MS or longer may also run in chunks of 8 or 16
+images, one after the other, each chunk on its own plan, where that measured faster and gives the
+same output: at batch 64 every layer's activations go through DRAM, in chunks they stay in cache
+(_chunk_candidates).
 
 The choice lives in the process (a traced graph cannot be cached on disk across torch builds
 cheaply); tracing and timing take about a second per new key.
@@ -39,6 +40,10 @@ from .sparse import capturing_graph
 GRAPH_MODES = ("auto", "eager", "torchscript")
 CHANNELS_LAST_ENTRY = " + channels_last entry"   # suffix of a choice that converts the input first
 CHUNKS = (16, 8)   # images per chunk a large batch may run in (leancnn.kernels.graph.GraphPlans._chunk_candidates)
+# Chunks are tried only for a batch whose whole run takes this long (ms): below it the activations
+# fit in cache anyway (resnet20 w0.5 at batch 64, 8 ms: chunks within noise) and planning them
+# (each chunk size's own layer plans and graph) costs more than it can win.
+CHUNK_MIN_MS = 10.0
 
 
 def channels_last_entry(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +129,8 @@ class GraphPlans:
             times = plans.time_candidates({label: (lambda run=run: run(x)) for label, run in candidates.items()})
             choice = min(times, key=times.get)
             entry = choice.endswith(CHANNELS_LAST_ENTRY)
-            chunked = self._chunk_candidates(x, candidates[choice]) if self.mode == "auto" else {}
+            worth = self.mode == "auto" and times[choice] >= CHUNK_MIN_MS
+            chunked = self._chunk_candidates(x, candidates[choice]) if worth else {}
             if chunked:   # the whole batch against the same in chunks (each chunk its own plan)
                 times.update(plans.time_candidates({choice: (lambda: candidates[choice](x)),
                                                     **{label: (lambda run=run: run(x)) for label, run in chunked.items()}}))
