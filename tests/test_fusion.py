@@ -74,7 +74,7 @@ def test_fusions_in_blocks_written_in_different_ways_match_the_model():
         for choice in ("dense", "kernel"):   # the fused call on each implementation
             for layer in deployed.modules():
                 if isinstance(layer, SparseConvInference):
-                    layer._choice = {key: choice for key in layer._choice}
+                    layer.planned.by_key = {key: choice for key in layer.planned.by_key}
             assert torch.allclose(deployed(x), expected, atol=1e-5), choice
         assert torch.allclose(deploy(model, graph="torchscript")(x), expected, atol=1e-5)
 

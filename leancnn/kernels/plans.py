@@ -150,3 +150,32 @@ def choose(key: str, candidates: dict[str, Callable[[], Any]]) -> dict[str, Any]
     entry = {"choice": min(times, key=times.get), "times_ms": times}
     store(key, entry)
     return {**entry, "cached": False}
+
+
+class PlannedChoices:
+    """A layer's choices per input key, for the layers that pick an implementation by plan
+    (SparseConvInference, VirtualPoolInference): `fast_key` (a tuple, cheap to build every call)
+    -> the choice; `plans` (cache key -> the plan, for plan_summary); `last` (what the last eager
+    call ran: a graph being captured runs it, having no shapes to time)."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, dict[str, Any]] = {}
+        self.by_key: dict[tuple, str] = {}
+        self.last: str | None = None
+
+    def get(self, fast_key: tuple) -> str | None:
+        """The choice already made for `fast_key` (remembered as the last one run), else None."""
+        choice = self.by_key.get(fast_key)
+        if choice is not None:
+            self.last = choice
+        return choice
+
+    def plan(self, fast_key: tuple, key: str, candidates: dict[str, Callable[[], Any]]) -> str:
+        """Plan `fast_key` (choose(): from the cache file or by timing `candidates`) under cache key `key`."""
+        self.plans[key] = choose(key, candidates)
+        choice = self.last = self.by_key[fast_key] = self.plans[key]["choice"]
+        return choice
+
+    def summary(self) -> list[dict[str, Any]]:
+        """The plans made or read: one dict per key."""
+        return [{"key": key, **plan} for key, plan in self.plans.items()]

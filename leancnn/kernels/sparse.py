@@ -172,9 +172,7 @@ class SparseConvInference(nn.Module):
             self.register_buffer(f"packed_{name}", tensor)
         self.density = float(mask.float().mean()) if mask.numel() else 0.0
         self.groups = int(self.packed_chunk_group.max()) + 1 if self.packed_chunk_group.numel() else 0
-        self.plans: dict[str, dict] = {}  # plan key -> {"choice", "times_ms", "cached"}
-        self._choice: dict[tuple, str] = {}  # (shape, channels_last, no residual, threads) -> choice
-        self._last_choice: str | None = None  # what the last eager call ran: a captured graph runs it
+        self.planned = plans.PlannedChoices()   # per (shape, channels_last, no residual, threads)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, relu: bool = False) -> "SparseConvInference":
@@ -286,27 +284,29 @@ class SparseConvInference(nn.Module):
             # A graph is being captured (fake tensors, maybe a symbolic batch: nothing to time, and
             # no branching on the shape): what the last eager call ran (deploy(example_inputs=...) makes
             # one), else the kernel.
-            return self.run(self._last_choice or ("kernel" if "kernel" in self.choices() else "dense"), x, residual)
+            return self.run(self.planned.last or ("kernel" if "kernel" in self.choices() else "dense"), x, residual)
         # The per-call lookup is a tuple (a string key and a tensor op per call cost ~20 us a layer).
         fast_key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last), residual is None,
                     torch.get_num_threads())
-        choice = self._choice.get(fast_key)
+        choice = self.planned.get(fast_key)
         if choice is None:
-            key = self.plan_key(x, residual)
-            self.plans[key] = plans.choose(key, self.implementations(x, residual))
-            choice = self._choice[fast_key] = self.plans[key]["choice"]
-            if DENSE_PACKED not in self._choice.values():
+            choice = self.planned.plan(fast_key, self.plan_key(x, residual), self.implementations(x, residual))
+            if DENSE_PACKED not in self.planned.by_key.values():
                 self.drop_dense_packing()   # timed, not chosen: its memory back
-        self._last_choice = choice
         return self.run(choice, x, residual)
 
     def output_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
         n, _, h, w = x.shape
         return (n, self.out_channels, (h - 1) // self.stride + 1, (w - 1) // self.stride + 1)
 
+    @property
+    def plans(self) -> dict[str, dict]:
+        """Plan cache key -> {"choice", "times_ms", "cached"}: the plans this layer made or read."""
+        return self.planned.plans
+
     def plan_summary(self) -> list[dict]:
         """The plans this layer made or read: one dict per key (batch, threads, format)."""
-        return [{"key": key, **plan} for key, plan in self.plans.items()]
+        return self.planned.summary()
 
     def leancnn_cost(self, inputs: tuple, output: torch.Tensor) -> LayerCost:
         uses = output.shape[-2] * output.shape[-1]

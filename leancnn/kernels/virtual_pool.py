@@ -23,9 +23,7 @@ class VirtualPoolInference(nn.Module):
     def __init__(self, vip: VirtualPool) -> None:
         super().__init__()
         self.block = vip.block
-        self.plans: dict[str, dict] = {}
-        self._choice: dict[tuple, str] = {}
-        self._last_choice: str | None = None
+        self.planned = plans.PlannedChoices()   # per (values' shape, map size, channels_last, threads)
 
     def choices(self) -> list[str]:
         return list(UPSAMPLE_CHOICES) if psconv_extension() is not None else ["interpolate"]
@@ -47,19 +45,17 @@ class VirtualPoolInference(nn.Module):
                 or values.dtype != torch.float32 or values.requires_grad):
             return virtual_upsample(values, height, width)   # ONNX sees Resize and Pad
         if capturing_graph():   # what the last eager call ran; no timing on fake tensors
-            return self.run(self._last_choice or "fused", values, height, width)
+            return self.run(self.planned.last or "fused", values, height, width)
         last = values.is_contiguous(memory_format=torch.channels_last)
         fast_key = (tuple(values.shape), height, width, last, torch.get_num_threads())
-        choice = self._choice.get(fast_key)
+        choice = self.planned.get(fast_key)
         if choice is None:
             n, c, h, w = values.shape
             key = (f"vip-upsample {c}ch {h}x{w}->{height}x{width} batch={n} threads={torch.get_num_threads()} "
                    f"{'channels_last' if last else 'contiguous'}")
-            self.plans[key] = plans.choose(key, {name: (lambda name=name: self.run(name, values, height, width))
-                                                 for name in self.choices()})
-            choice = self._choice[fast_key] = self.plans[key]["choice"]
-        self._last_choice = choice
+            choice = self.planned.plan(fast_key, key, {name: (lambda name=name: self.run(name, values, height, width))
+                                                       for name in self.choices()})
         return self.run(choice, values, height, width)
 
     def plan_summary(self) -> list[dict]:
-        return [{"key": key, **plan} for key, plan in self.plans.items()]
+        return self.planned.summary()
