@@ -48,12 +48,32 @@ def test_masked_convolution_effective_macs_exact():
     assert profile.params_nonzero == nonzero
 
 
-def test_sparse_storage_uses_csr_with_index_cost():
+def test_storage_is_the_cheapest_honest_format_hand_computed():
+    # 50 distinct fp32 values in a 10x100 weight, 5 per row at columns 0-4: flat positions
+    # 0-4, 100-104, ...; gaps (zeros skipped) 0,0,0,0,0 then 95,0,0,0,0 per row.
     weight = torch.zeros(10, 100)
-    weight[:, :5] = 1.0
-    storage, fmt = tensor_storage(weight)
-    assert fmt == "csr" and storage == 50 * (4 + 4) + 11 * 4
-    assert tensor_storage(torch.ones(10, 100)) == (4000, "dense")
+    weight[:, :5] = torch.arange(1, 51, dtype=torch.float32).view(10, 5)
+    csr = 50 * (4 + 4) + 11 * 4                                   # 444 bytes
+    # Relative index, fp32 values: b = 7 bits holds every gap (95 < 128): 50 entries x 39 bits.
+    # (b = 6: 95 >> 6 = 1 filler per row, 60 x 38 = 2280 bits > 1950.)
+    relative = -(-50 * (32 + 7) // 8)                            # 244 bytes
+    assert tensor_storage(weight) == (relative, "relative index (32-bit values, 7-bit gaps)")
+    assert relative < csr < 4000
+    # The same positions with 3 values (a quantised layer): 2-bit codes (3 levels and zero) and a
+    # 12-byte codebook; gaps 7 bits -> 50 x 9 bits = 57 bytes, against dense codes 1000 x 2 / 8 = 250.
+    weight[:, :5] = torch.tensor([0.5, -0.5, 0.25, 0.5, -0.5])
+    assert tensor_storage(weight) == (-(-50 * 9 // 8) + 12, "relative index (2-bit values, 7-bit gaps)")
+    # Dense values that take two levels: a 2-bit code each (two levels and zero) and an 8-byte codebook.
+    levels = torch.tensor([1.0, -1.0]).repeat(500).view(10, 100)
+    assert tensor_storage(levels) == (1000 * 2 // 8 + 8, "dense 2-bit codes")
+    random = torch.randn(10, 100)
+    assert tensor_storage(random) == (4000, "dense")
+    # A long gap takes fillers: one non-zero at flat position 0 and one at 999 (gap 998).
+    far = torch.zeros(10, 100)
+    far[0, 0], far[9, 99] = 1.5, 2.5
+    # Two values: a codebook (8 bytes) costs more than it saves, so fp32 values. b = 10 holds the gap
+    # (998 < 1024): 2 x 42 bits = 11 bytes; b = 9 needs a filler (998 >> 9 = 1): 3 x 41 = 123 bits.
+    assert tensor_storage(far) == (11, "relative index (32-bit values, 10-bit gaps)")
 
 
 class DeclaredCostLayer(nn.Module):

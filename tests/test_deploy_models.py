@@ -30,15 +30,21 @@ from leancnn.models import MODELS, create_model
 from .conftest import tiny_config
 from .deploy_checks import assert_deploy_matches
 
-# Channel surgery knows VGG chains and BasicBlock ResNets only (the any-model issue replaces it
-# with a traced channel graph): these pairs stop before doing anything, with this reason.
+# Channel surgery knows VGG chains and BasicBlock ResNets with batch norm only (the any-model issue
+# replaces it with a traced channel graph): these pairs stop before doing anything, with this reason.
 CHANNEL_LAYOUT = "channel surgery does not know (the layout|layer)"
-# pSConv converts dense 3x3 convolutions other than the stem: these two have none (depthwise 3x3s).
+# pSConv converts dense 3x3 convolutions other than the stem: these have none (depthwise 3x3s; lenet5's 5x5s).
 NO_DENSE_3X3 = "no 3x3 convolution to convert"
+# ViP replaces a stride-1 3x3 convolution block: lenet5 has only 5x5 convolutions without batch norm.
+NO_VIP_BLOCK = "the model has no block that can take ViP"
+# BCR's blocks of 4 filters must divide every pruned layer: shufflenetv2 at width 0.25 has 14-filter layers.
+BLOCKS_DO_NOT_DIVIDE = "do not divide layer"
 NOT_APPLICABLE = {
+    ("bcr", "shufflenetv2"): BLOCKS_DO_NOT_DIVIDE,
+    ("vip", "lenet5"): NO_VIP_BLOCK,
     **{(method, model): CHANNEL_LAYOUT
-       for method in ("cap", "l1prune", "dnr-channel") for model in ("mobilenetv2", "shufflenetv2")},
-    **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2")},
+       for method in ("cap", "l1prune", "dnr-channel") for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
+    **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
 }
 
 

@@ -11,6 +11,7 @@ counted again.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,16 +63,59 @@ class Profile:
 TOTAL_KEYS = ("params_total", "params_nonzero", "macs_dense", "macs_effective", "storage_bytes")
 
 
+MAX_CODED_LEVELS = 1 << 16   # more distinct values than this: stored as raw fp32
+MAX_GAP_BITS = 16
+
+
+def _value_coding(nonzero_values: torch.Tensor) -> tuple[int, int]:
+    """(bits per stored value, codebook bytes) for these non-zero values: raw fp32, or a code per
+    distinct value (one code more for zero) plus the codebook of fp32 levels, whichever is smaller
+    (a quantised weight takes few levels: 4-bit ADMM values are 15 levels and zero)."""
+    levels = int(torch.unique(nonzero_values).numel()) if nonzero_values.numel() else 0
+    if levels > MAX_CODED_LEVELS:
+        return 32, 0
+    code_bits = max(1, math.ceil(math.log2(levels + 1)))
+    return (code_bits, levels * FP32_BYTES) if code_bits * nonzero_values.numel() + levels * 32 < \
+        32 * nonzero_values.numel() else (32, 0)
+
+
+def relative_index_bits(positions: torch.Tensor, value_bits: int) -> tuple[int, int]:
+    """(entries, gap bits) of the cheapest relative index (Deep Compression, ADMM-NN) for these
+    flat positions: each non-zero stores the gap to the previous one in b bits; a gap too long
+    for b bits takes filler entries (a zero value every 2^b positions). b minimises
+    entries x (value bits + b)."""
+    gaps = torch.diff(positions, prepend=positions.new_tensor([-1])) - 1     # zeros skipped, >= 0
+    best = None
+    for bits in range(1, MAX_GAP_BITS + 1):
+        entries = positions.numel() + int((gaps >> bits).sum())
+        cost = entries * (value_bits + bits)
+        if best is None or cost < best[0]:
+            best = (cost, entries, bits)
+    return best[1], best[2]
+
+
 def tensor_storage(tensor: torch.Tensor) -> tuple[int, str]:
-    """Bytes of the cheaper of dense fp32 and CSR (fp32 values, 32-bit indices)
-    for a weight seen as a [rows, rest] matrix."""
+    """Bytes and format of the cheapest way to store a weight: dense (fp32, or a code per weight
+    plus a codebook when it takes few values), CSR (fp32 values, 32-bit column indices and row
+    pointers, the weight seen as a [rows, rest] matrix) or a relative index (see
+    relative_index_bits; values fp32 or coded). Vectors are stored dense fp32."""
     dense = tensor.numel() * FP32_BYTES
     if tensor.dim() < 2:
         return dense, "dense"
-    nonzero = int(torch.count_nonzero(tensor))
-    rows = tensor.shape[0]
-    csr = nonzero * (FP32_BYTES + INDEX_BYTES) + (rows + 1) * INDEX_BYTES
-    return (csr, "csr") if csr < dense else (dense, "dense")
+    flat = tensor.detach().flatten()
+    positions = torch.nonzero(flat).flatten()
+    nonzero = positions.numel()
+    value_bits, codebook = _value_coding(flat[positions])
+    options = [(dense, "dense")]
+    if value_bits < 32:
+        dense_bits = max(value_bits, 1)
+        options.append((math.ceil(flat.numel() * dense_bits / 8) + codebook, f"dense {dense_bits}-bit codes"))
+    options.append((nonzero * (FP32_BYTES + INDEX_BYTES) + (tensor.shape[0] + 1) * INDEX_BYTES, "csr"))
+    if nonzero:
+        entries, gap_bits = relative_index_bits(positions, value_bits)
+        options.append((math.ceil(entries * (value_bits + gap_bits) / 8) + codebook,
+                        f"relative index ({value_bits}-bit values, {gap_bits}-bit gaps)"))
+    return min(options, key=lambda option: option[0])
 
 
 def _weight_layer_cost(module: nn.Module, output: torch.Tensor) -> LayerCost:

@@ -119,6 +119,14 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that must survive a resume and are not the model's (ADMM's Z and U): saved in
+        the checkpoint's safetensors file, never in JSON."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
     # -- after training ----------------------------------------------------
     def robust_attacks(self, dataset: ImageDataset) -> tuple[list[str], int]:
         """Attack specs a finished run of this method is measured under (result.json's `robust`),

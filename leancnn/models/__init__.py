@@ -1,5 +1,5 @@
 """Model registry: every family registers itself on import."""
-from . import mobilenetv2, resnet, shufflenetv2, vgg  # noqa: F401  (registration)
+from . import lenet, mobilenetv2, resnet, shufflenetv2, vgg  # noqa: F401  (registration)
 from .common import Normalize
 from .registry import MODELS, create_model
 

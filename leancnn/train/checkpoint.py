@@ -34,12 +34,25 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: list[torch.
         optimizer.state[param][key] = value.to(param.device)
 
 
+def method_tensors(methods_tensors: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each method's own tensors, keyed by the method's position in the run's list."""
+    return {f"method.{index}.{key}": value for index, tensors in enumerate(methods_tensors)
+            for key, value in tensors.items()}
+
+
+def tensors_of_method(tensors: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    prefix = f"method.{index}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def save_checkpoint(folder: Path, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    params: list[torch.nn.Parameter], info: dict[str, Any]) -> None:
+                    params: list[torch.nn.Parameter], info: dict[str, Any],
+                    methods_tensors: list[dict[str, torch.Tensor]] = ()) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     weights_name = f"epoch-{epoch:04d}.safetensors"
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update(optimizer_tensors(optimizer, params))
+    tensors.update(method_tensors(list(methods_tensors)))
     save_tensors(folder / weights_name, tensors)
     write_json(folder / LATEST, {"epoch": epoch, "weights": weights_name, **info})
     for old in folder.glob("epoch-*.safetensors"):

@@ -15,7 +15,8 @@ from ..config import TrainConfig
 from ..data import BatchLoader, ImageDataset
 from ..errors import TrainingDiverged
 from ..methods import Method
-from .checkpoint import load_checkpoint, load_optimizer_tensors, model_state, save_checkpoint
+from .checkpoint import (load_checkpoint, load_optimizer_tensors, model_state, save_checkpoint,
+                         tensors_of_method)
 from ..progress import progress_bar
 from .schedules import learning_rate
 
@@ -122,7 +123,8 @@ class Trainer:
             return
         info = {"step": self.state.step, "seconds": self.state.seconds, "log": self.state.log,
                 "methods": [m.state_dict() for m in self.methods]}
-        save_checkpoint(self.checkpoint_dir, self.state.epoch, self.model, self.optimizer, self.params, info)
+        save_checkpoint(self.checkpoint_dir, self.state.epoch, self.model, self.optimizer, self.params, info,
+                        [m.state_tensors() for m in self.methods])
 
     def _restore(self) -> bool:
         if self.checkpoint_dir is None:
@@ -133,8 +135,9 @@ class Trainer:
         info, tensors = loaded
         self.model.load_state_dict(model_state(tensors))
         load_optimizer_tensors(self.optimizer, self.params, tensors)
-        for method, method_state in zip(self.methods, info.get("methods", [])):
+        for index, (method, method_state) in enumerate(zip(self.methods, info.get("methods", []))):
             method.load_state_dict(method_state)
+            method.load_state_tensors(tensors_of_method(tensors, index))
         self.state = TrainState(info["epoch"], info["step"], info["seconds"], info["log"])
         return True
 

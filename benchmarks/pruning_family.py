@@ -1,0 +1,236 @@
+"""The pruning family's figures: SynFlow against its baselines, ADMM-NN with quantisation, BCR
+against irregular pruning, each pruned model deployed and timed.
+
+--part speed (timing; run on an idle machine): resnet18 at width 0.5, every distinct 3x3 layer
+shape at 32x32 input, batch 64, density 0.1: the sparse kernel (fastest variant, as a plan
+picks) on a random irregular mask and on a BCR mask (bands of 4 filters, column-pruned) against
+oneDNN's dense convolution; then the whole resnet18 w0.5 pruned both ways and deployed.
+
+--part accuracy (training; hours on one core, resumable: finished runs are skipped):
+- resnet20 on Fashion-MNIST, one budget for all (--epochs over --train-subset images): dense;
+  synflow, random-init, magnitude-init and snip at densities 0.1, 0.01, 0.002 (the layers left
+  empty at initialisation are read from each run's log); admm at density 0.1 (10x);
+  bcr and magprune at density 0.1 applied to the dense run, fine-tuned --finetune-epochs.
+- lenet5 on Fashion-MNIST (--lenet-epochs over all training images): dense, and admm at
+  --admm-density with 4-bit levels; model size as the counter measures it (codes + index).
+- every pruned model deployed: its speed-up at batch 64 (1 thread) next to its MAC ratio.
+
+    nohup .venv/bin/python benchmarks/pruning_family.py --part accuracy --threads 1 > pruning.log 2>&1 &
+    .venv/bin/python benchmarks/pruning_family.py --part speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from common import (RESNET18_LAYERS, kernel_machine_line, log, machine_line, paired_seconds, pin_threads, publish,
+                    with_batch_norm_statistics)
+
+import leancnn
+from leancnn.compress import compress_run
+from leancnn.config import TrainConfig
+from leancnn.deploy import deploy, fold_batchnorm
+from leancnn.experiment import ensure_run
+from leancnn.kernels import psconv_extension
+from leancnn.kernels.sparse import PASS_CHOICES, SparseConvInference
+from leancnn.measure import count
+from leancnn.methods import parse_method
+from leancnn.methods.bcr import block_masks
+from leancnn.runs import load_run, read_result
+
+FASHION_MNIST_SHAPE = (1, 28, 28)
+DENSITIES = [0.1, 0.01, 0.002]
+INIT_METHODS = ["synflow", "random-init", "magnitude-init", "snip"]
+BCR_SPEC = "bcr:density=0.1"
+IRREGULAR_SPEC = "magprune:density=0.1,attack=none"
+
+
+# -- speed ----------------------------------------------------------------------
+def layer_times(c_in: int, c_out: int, size: int, stride: int, batch: int, runs: int) -> dict:
+    generator = torch.Generator().manual_seed(c_in * 7 + c_out)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=generator)
+    bias = torch.randn(c_out, generator=generator)
+    irregular = weight * (torch.rand(weight.shape, generator=generator) < 0.1)
+    blocked = weight * block_masks(weight, 4, 0, 0.1, 1.0)
+    x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+    layers = {"irregular": SparseConvInference(irregular, bias, stride), "bcr": SparseConvInference(blocked, bias, stride)}
+    variants = list(PASS_CHOICES.values())
+    calls = [lambda: F.conv2d(x, weight, bias, stride, 1), lambda: F.conv2d(x.contiguous(), weight, bias, stride, 1)]
+    for layer in layers.values():
+        calls += [lambda layer=layer, options=options: layer.kernel(x, None, *options) for options in variants]
+    times = paired_seconds(calls, runs)
+    dense = min(times[:2])
+    n = len(variants)
+    irregular_ms, bcr_ms = min(times[2:2 + n]), min(times[2 + n:])
+    return {"layer": f"{c_in}->{c_out} @{size} s{stride}", "dense_ms": 1e3 * dense, "irregular_ms": 1e3 * irregular_ms,
+            "bcr_ms": 1e3 * bcr_ms, "irregular_speedup": dense / irregular_ms, "bcr_speedup": dense / bcr_ms}
+
+
+def model_times(width: float, batch: int, runs: int, size: int) -> list[dict]:
+    """resnet18 pruned both ways (masks from the untrained weights: time does not depend on values)."""
+    torch.manual_seed(0)
+    base = with_batch_norm_statistics(leancnn.create_model("resnet18", in_channels=3, width=width)).eval()
+    shape = (3, size, size)
+    dense = fold_batchnorm(base).to(memory_format=torch.channels_last)
+    rows = []
+    x = torch.rand(batch, *shape).contiguous(memory_format=torch.channels_last)
+    for label, spec in (("irregular", "magprune:density=0.1,attack=none"), ("bcr", BCR_SPEC)):
+        model = leancnn.create_model("resnet18", in_channels=3, width=width)
+        model.load_state_dict(base.state_dict())
+        pruned, _ = parse_method(spec).compress(model, None)
+        deployed = deploy(pruned.eval())
+        with torch.no_grad():
+            deployed(x)
+        dense_s, deployed_s = paired_seconds([lambda: dense(x), lambda: deployed(x)], runs)
+        ratio = count(dense, shape).macs_effective / count(deployed, shape).macs_effective
+        rows.append({"model": f"resnet18 w{width} {label}", "spec": spec, "batch": batch, "dense_ms": 1e3 * dense_s,
+                     "deployed_ms": 1e3 * deployed_s, "speedup": dense_s / deployed_s, "mac_ratio": ratio})
+        log(f"{rows[-1]['model']}: {rows[-1]['speedup']:.2f}x (MAC ratio {ratio:.2f})")
+    return rows
+
+
+def speed(args) -> None:
+    if psconv_extension() is None:
+        raise SystemExit("the sparse kernel could not be built here: nothing to measure")
+    pin_threads(args.threads)
+    half = [(c_in // 2, c_out // 2, size, stride) for c_in, c_out, size, stride in RESNET18_LAYERS]
+    layers, batch, runs, size = (half, 64, args.runs, 32) if not args.quick else (half[:2], 4, 2, 8)
+    rows = []
+    for shape in layers:
+        rows.append(layer_times(*shape, batch=batch, runs=runs))
+        r = rows[-1]
+        log(f"{r['layer']}: irregular {r['irregular_speedup']:.2f}x, bcr {r['bcr_speedup']:.2f}x "
+            f"({r['bcr_speedup'] / r['irregular_speedup']:.2f}x of irregular)")
+    models = model_times(0.5, batch, runs, size)
+    lines = ["| layer (resnet18 w0.5), density 0.1 | dense best (ms) | irregular (ms) | BCR 4-filter bands (ms) | "
+             "irregular speed-up | BCR speed-up | BCR / irregular |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['dense_ms']:.3f} | {r['irregular_ms']:.3f} | {r['bcr_ms']:.3f} | "
+                     f"{r['irregular_speedup']:.2f}x | {r['bcr_speedup']:.2f}x | **{r['bcr_speedup'] / r['irregular_speedup']:.2f}x** |")
+    lines += ["", "| whole model, deployed | batch | dense, BN folded (ms) | deployed (ms) | speed-up | MAC ratio |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in models:
+        lines.append(f"| {r['model']} (`{r['spec']}`) | {r['batch']} | {r['dense_ms']:.2f} | {r['deployed_ms']:.2f} | "
+                     f"**{r['speedup']:.2f}x** | {r['mac_ratio']:.2f}x |")
+    block = (f"{kernel_machine_line(args.threads)}\n\n`.venv/bin/python benchmarks/pruning_family.py --part speed "
+             f"--threads {args.threads}` (batch {batch}, median of {runs} alternating runs after 0.3 s of warm-up; the "
+             "kernel rows are the fastest of its variants, as a plan picks; dense is the faster memory format)\n\n"
+             + "\n".join(lines))
+    print(block)
+    if not args.quick:
+        publish("pruning_speed", block, {"layers": rows, "models": models}, document="docs/pruning.md")
+
+
+# -- accuracy -------------------------------------------------------------------
+def train(args, name: str, model: str, spec: str | None, epochs: int, subset: int | None) -> Path:
+    out = Path(args.out) / name
+    config = TrainConfig(data="fashion-mnist", model=model, epochs=epochs, train_subset=subset, seed=args.seed,
+                         threads=args.threads, latency=False, methods=[spec] if spec else [], out=str(out),
+                         batch_size=128).validate()
+    log(f"{name}: {spec or 'dense'} ...")
+    result = ensure_run(config, progress=False)
+    log(f"    {result.test_acc:.4f}, {result.train_seconds:.0f} s of training")
+    return out
+
+
+def compressed(args, name: str, parent: Path, spec: str) -> Path:
+    out = Path(args.out) / name
+    if not (out / "result.json").is_file():
+        log(f"{name}: {spec} on {parent.name} ...")
+        compress_run(parent, [spec], epochs=args.finetune_epochs, out=out, progress=False, latency=False)
+    return out
+
+
+def collapse(run_dir: Path) -> tuple[list[str], bool | None]:
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    first = entries[0] if entries else {}
+    return first.get("collapsed_layers", []), first.get("input_output_path")
+
+
+def deployed_speedup(run_dir: Path, batch: int, runs: int) -> float:
+    model, _ = load_run(run_dir)
+    x = torch.rand(batch, *FASHION_MNIST_SHAPE).contiguous(memory_format=torch.channels_last)
+    dense = fold_batchnorm(model).to(memory_format=torch.channels_last)   # the same weights, run dense
+    fast = deploy(model)
+    with torch.no_grad():
+        fast(x)
+    dense_s, fast_s = paired_seconds([lambda: dense(x), lambda: fast(x)], runs)
+    return dense_s / fast_s
+
+
+def row(run_dir: Path, label: str, dense: Path, args) -> dict:
+    result, reference = read_result(run_dir), read_result(dense)
+    collapsed, path = collapse(run_dir) if (run_dir / "log.jsonl").is_file() else ([], None)
+    return {"run": run_dir.name, "method": label, "test_acc": result.test_acc, "dense_acc": reference.test_acc,
+            "params_nonzero": result.params_nonzero, "params_total": result.params_total,
+            "weight_ratio": result.params_total / max(result.params_nonzero, 1),
+            "mac_ratio": reference.macs_effective / max(result.macs_effective, 1),
+            "storage_bytes": result.storage_bytes, "size_ratio": reference.storage_bytes / max(result.storage_bytes, 1),
+            "collapsed_layers": collapsed, "input_output_path": path,
+            "speedup_b64": deployed_speedup(run_dir, 64, args.runs)}
+
+
+def accuracy(args) -> None:
+    pin_threads(args.threads)
+    rows = []
+    dense = train(args, "resnet20-dense", "resnet20", None, args.epochs, args.train_subset)
+    rows.append(row(dense, "dense", dense, args))
+    for density in DENSITIES:
+        for method in INIT_METHODS:
+            run = train(args, f"resnet20-{method}-{density}", "resnet20", f"{method}:density={density}", args.epochs,
+                        args.train_subset)
+            rows.append(row(run, f"{method}:density={density}", dense, args))
+    rows.append(row(train(args, "resnet20-admm-0.1", "resnet20", "admm:density=0.1", args.epochs, args.train_subset),
+                    "admm:density=0.1", dense, args))
+    for name, spec in (("resnet20-bcr-0.1", BCR_SPEC), ("resnet20-magprune-0.1", IRREGULAR_SPEC)):
+        rows.append(row(compressed(args, name, dense, spec), f"{spec} (+{args.finetune_epochs} ep.)", dense, args))
+    lenet = train(args, "lenet5-dense", "lenet5", None, args.lenet_epochs, None)
+    rows.append(row(lenet, "dense", lenet, args))
+    spec = f"admm:density={args.admm_density},bits=4"
+    rows.append(row(train(args, f"lenet5-admm-{args.admm_density}-4bit", "lenet5", spec, args.lenet_epochs, None),
+                    spec, lenet, args))
+    lines = ["| run | method | top-1 | dense top-1 | weights kept | fewer weights | MAC ratio | storage (bytes) | "
+             "smaller | layers emptied at init | speed-up b64 (deployed) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for r in rows:
+        emptied = ", ".join(r["collapsed_layers"]) or "none"
+        if r["input_output_path"] is False:
+            emptied += " (no input-output path)"
+        lines.append(f"| {r['run']} | `{r['method']}` | {r['test_acc']:.4f} | {r['dense_acc']:.4f} | "
+                     f"{r['params_nonzero']:,} | {r['weight_ratio']:.1f}x | {r['mac_ratio']:.2f}x | {r['storage_bytes']:,} | "
+                     f"{r['size_ratio']:.1f}x | {emptied} | {r['speedup_b64']:.2f}x |")
+    block = (f"{machine_line()}\n\n`.venv/bin/python benchmarks/pruning_family.py --part accuracy --threads "
+             f"{args.threads} --epochs {args.epochs} --train-subset {args.train_subset} --lenet-epochs "
+             f"{args.lenet_epochs}` (Fashion-MNIST, test set of 10,000; resnet20 runs {args.epochs} epochs over "
+             f"{args.train_subset} training images; bcr and magprune fine-tune the dense run {args.finetune_epochs} "
+             f"epoch(s); lenet5 {args.lenet_epochs} epochs over all 60,000; speed-ups at batch 64, {args.threads} "
+             "thread(s), the deployed model against the same weights run dense with BN folded)\n\n" + "\n".join(lines))
+    print(block)
+    publish("pruning_accuracy", block, rows, document="docs/pruning.md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["speed", "accuracy"], required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per measurement")
+    parser.add_argument("--quick", action="store_true", help="speed part at toy size: check that the script runs")
+    parser.add_argument("--out", default="runs/pruning", help="where the training runs go")
+    parser.add_argument("--epochs", type=int, default=3, help="resnet20 training epochs (every method alike)")
+    parser.add_argument("--train-subset", type=int, default=20000, help="resnet20 training images")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="bcr and magprune fine-tuning epochs")
+    parser.add_argument("--lenet-epochs", type=int, default=20)
+    parser.add_argument("--admm-density", type=float, default=0.04)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pin_threads(args.threads)
+    print(machine_line(), flush=True)
+    (speed if args.part == "speed" else accuracy)(args)
+
+
+if __name__ == "__main__":
+    main()

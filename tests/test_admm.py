@@ -1,0 +1,137 @@
+"""ADMM-NN pruning and quantisation: the projections against hand-computed cases and a
+brute-force nearest level, the penalty, the straight-through retraining step, a trained run's
+saved weights (exactly zero or exactly on their levels) and its storage, and bad options."""
+from __future__ import annotations
+
+import itertools
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from leancnn.errors import ConfigError
+from leancnn.experiment import train_run
+from leancnn.measure import count
+from leancnn.methods import parse_method
+from leancnn.methods.admm import SCALE, fit_scale, level_count, project, quantize
+from leancnn.methods.masking import PRUNE_MASK, masked_layers
+from leancnn.runs import load_run, read_result
+
+from .conftest import tiny_config
+
+
+def test_level_counts():
+    # k bits: +-1 .. +-(2^(k-1) - 1) and the zero of a pruned weight = 2^k - 1 codes; k = 1: +-1.
+    assert [level_count(k) for k in (1, 2, 3, 4, 8)] == [1, 1, 3, 7, 127]
+
+
+def test_projection_keeps_the_largest_magnitudes_and_fits_one_level():
+    weight = torch.tensor([0.1, -0.5, 0.9, 0.05, -1.2])
+    pruned, mask, scale = project(weight, keep=3, bits=0)
+    assert pruned.tolist() == pytest.approx([0, -0.5, 0.9, 0, -1.2])
+    assert mask.tolist() == [False, True, True, False, True] and scale == 0
+    # 2 bits: levels +-s only; the least-squares s is the mean magnitude of the survivors.
+    quantised, mask, scale = project(weight, keep=3, bits=2)
+    assert scale == pytest.approx((0.5 + 0.9 + 1.2) / 3)
+    assert quantised.tolist() == pytest.approx([0, -scale, scale, 0, -scale])
+
+
+def test_scale_fit_by_hand_with_three_bit_levels():
+    # Levels +-1, 2, 3 x s. Start s = 3.2 / 3: indices 1, 2, 3, 1 (0.2 rounds to 0, clamped to 1
+    # so a kept weight stays kept); least squares s = (0.9 + 4.2 + 9.6 + 0.2) / (1 + 4 + 9 + 1);
+    # the indices do not change again.
+    values = torch.tensor([0.9, 2.1, -3.2, 0.2])
+    scale = fit_scale(values, bits=3)
+    assert scale == pytest.approx(14.9 / 15)
+    assert quantize(values, scale, bits=3).tolist() == pytest.approx([scale, 2 * scale, -3 * scale, scale])
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4])
+def test_quantize_picks_the_nearest_level_on_random_values(bits):
+    generator = torch.Generator().manual_seed(bits)
+    values = torch.randn(500, generator=generator)
+    scale = 0.37
+    top = level_count(bits)
+    levels = torch.tensor([sign * j * scale for sign, j in itertools.product((-1, 1), range(1, top + 1))])
+    nearest = levels[(values[:, None] - levels[None, :]).abs().argmin(dim=1)]
+    torch.testing.assert_close(quantize(values, scale, bits), nearest)
+
+
+def admm_trainer(model):
+    return types.SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy,
+                                 state=types.SimpleNamespace(step=0), config=types.SimpleNamespace(epochs=4))
+
+
+def test_the_loss_adds_the_augmented_lagrangian_penalty():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    method = parse_method("admm:density=0.25,rho=0.01")
+    model = method.prepare(model)
+    assert [name for name, _ in masked_layers(model)] == ["2"]   # the stem stays dense
+    trainer = admm_trainer(model)
+    method.before_training(trainer)
+    weight = model[2].weight.detach()
+    z = method.z["2"]
+    assert int(torch.count_nonzero(z)) == 24 and torch.equal(method.u["2"], weight - z)   # 25% of 96
+    images, labels = torch.randn(5, 1, 6, 6), torch.tensor([0, 1, 2, 0, 1])
+    clean = nn.functional.cross_entropy(model(images), labels)
+    penalty = (weight - z + method.u["2"]).pow(2).sum()
+    loss = method.loss(trainer, images, labels).detach()
+    assert float(loss) == pytest.approx(float((clean + 0.005 * penalty).detach()), rel=1e-6)
+
+
+def test_retraining_moves_the_latent_and_keeps_weights_on_their_levels():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 20))
+    method = parse_method("admm:density=0.5,bits=3")
+    model = method.prepare(model)
+    method.hard_project(model)
+    layer, scale = model[2], float(model[2].admm_scale)
+    mask = getattr(layer, PRUNE_MASK)
+    assert int(mask.sum()) == 80 and method.projected
+    latent_before = method.latent["2"].clone()
+    step = torch.full_like(layer.weight, 0.3 * scale)   # what an optimizer step would move
+    with torch.no_grad():
+        layer.weight.sub_(step)
+    method.after_step(admm_trainer(model))
+    torch.testing.assert_close(method.latent["2"], (latent_before - step) * mask)
+    assert torch.equal(layer.weight[mask], quantize(method.latent["2"][mask], scale, 3))
+    assert not layer.weight[~mask].any()
+
+
+def test_a_trained_run_saves_weights_exactly_on_levels_and_counts_their_storage(tmp_path):
+    config = tiny_config(tmp_path, model="lenet5", width=1.0, epochs=2,
+                         methods=["admm:density=0.05,bits=4,update_every=5"])
+    outcome = train_run(config)
+    model, _ = load_run(outcome.run_dir)
+    stem = "features.0"
+    assert not hasattr(model.get_submodule(stem), PRUNE_MASK)
+    for name, module in masked_layers(model):
+        weight = module.weight.detach()
+        kept = weight != 0
+        assert int(kept.sum()) == max(1, round(0.05 * weight.numel())), name    # exactly the target
+        scale = float(getattr(module, SCALE))
+        assert scale > 0 and torch.equal(weight[kept], quantize(weight[kept], scale, 4)), name
+        assert int(torch.unique(weight[kept].abs()).numel()) <= 7
+    profile = count(model, (1, 28, 28))
+    # The 400,000-weight hidden layer at 5%: 4-bit codes (<= 14 levels + zero) with a relative index.
+    hidden = next(layer for layer in profile.layers if layer.name == "hidden.0")
+    assert hidden.cost.storage_format.startswith("relative index (4-bit values")
+    assert read_result(outcome.run_dir).storage_bytes == profile.storage_bytes
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("admm:density=0", "density must be in (0, 1]"),
+    ("admm:density=1.5", "density must be in (0, 1]"),
+    ("admm:bits=17", "bits must be 0 (no quantisation) or 1-16"),
+    ("admm:bits=-1", "bits must be 0 (no quantisation) or 1-16"),
+    ("admm:rho=0", "need 0 < rho <= rho_max"),
+    ("admm:growth=0.5", "growth must be >= 1"),
+    ("admm:update_every=0", "update_every must be at least 1 step"),
+    ("admm:prune_at=0", "prune_at must be in (0, 1]"),
+    ("admm:levels=4", "unknown option 'levels'"),
+])
+def test_bad_options_fail_before_training(spec, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        parse_method(spec)
