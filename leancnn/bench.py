@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from .compress import compress_run
 from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import attack_run
@@ -30,7 +32,7 @@ from .errors import LeancnnError, first_line
 from .io import slug, write_json, write_text
 from .deploy import deploy, deploy_plan
 from .measure.latency import cpu_model, fastest_format_latency, layer_times
-from .methods import METHODS
+from .methods import METHODS, parse_method
 from .models import create_model
 from .measure.onnx_latency import onnx_available, onnx_session, session_latency
 from .report.budget import DENSE_LABEL, DENSE_ONNX_LABEL, Budget, Recommendation, default_budget, dense_baseline_ms, recommend
@@ -53,6 +55,11 @@ class Candidate:
     label: str
     methods: list[str]
 
+    def post_training(self) -> bool:
+        """A candidate of post-training methods is the dense candidate's run compressed and
+        fine-tuned (`leancnn compress`), not a run trained from scratch."""
+        return any(parse_method(spec).post_training for spec in self.methods)
+
 
 @dataclass
 class BenchPlan:
@@ -69,6 +76,7 @@ class BenchPlan:
     profile_batch: int = 1   # the batch size of each candidate's per-layer times (where the time goes)
     cuts: list[str] = field(default_factory=list)
     quick: bool = False      # --quick: the notes say how far from a full bench it is
+    finetune_epochs: int = 1  # post-training candidates: epochs of fine-tuning after compressing dense
 
 
 def default_candidates(method_names: list[str] | None = None, quick: bool = False) -> list[Candidate]:
@@ -81,13 +89,12 @@ def default_candidates(method_names: list[str] | None = None, quick: bool = Fals
             candidates.append(Candidate(name, [name]))
             continue
         cls = METHODS.get(name)
-        if cls.post_training:
-            continue
         if quick and not cls.in_quick_bench:
             continue
         specs = (cls.bench_specs or [name])[:1 if quick else None]
         candidates += [Candidate(spec if spec != name else name, [spec]) for spec in specs]
-    return candidates
+    # Post-training candidates compress the dense run: they come after every trained one.
+    return sorted(candidates, key=Candidate.post_training)
 
 
 def _seconds_per_image(plan: BenchPlan) -> float:
@@ -112,7 +119,11 @@ def fit_time(plan: BenchPlan, max_minutes: float, train_size: int) -> BenchPlan:
     """Cut epochs, then the training subset, so all candidates train within `max_minutes`.
     Evaluation and latency are given 25% of the time."""
     per_image = _seconds_per_image(plan) * 1.15  # masks and hooks cost a little more than the dense probe
-    available = max_minutes * 60 * 0.75 / max(len(plan.candidates), 1)
+    # A post-training candidate costs its fine-tuning epochs, a trained one all epochs.
+    trained = sum(not c.post_training() for c in plan.candidates)
+    tuned = len(plan.candidates) - trained
+    shares = trained + tuned * plan.finetune_epochs / max(plan.epochs, 1)
+    available = max_minutes * 60 * 0.75 / max(shares, 1)
     images = plan.train_subset or train_size
     if plan.epochs * images * per_image <= available:
         return plan
@@ -129,6 +140,15 @@ def fit_time(plan: BenchPlan, max_minutes: float, train_size: int) -> BenchPlan:
 
 def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bool) -> dict[str, Any]:
     run_dir = out / "runs" / slug(candidate.label)
+    if candidate.post_training():
+        dense_dir = out / "runs" / slug(DENSE_LABEL)
+        if not (dense_dir / "result.json").is_file():
+            raise LeancnnError(f"{candidate.label} compresses the dense run, which did not finish")
+        if not (run_dir / "result.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)   # a killed compress starts again
+            compress_run(dense_dir, candidate.methods, epochs=plan.finetune_epochs, out=run_dir, progress=progress,
+                         latency=False)
+        return {"label": candidate.label, "run_dir": str(run_dir), **read_result(run_dir).as_dict()}
     config = TrainConfig(data=plan.data, data_dir=plan.data_dir, model=plan.model, width=plan.width,
                          methods=candidate.methods, epochs=plan.epochs, train_subset=plan.train_subset,
                          test_subset=plan.test_subset, seed=plan.seed, threads=plan.threads, latency=False,

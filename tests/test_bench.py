@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from leancnn.runs import read_result
 from leancnn.bench import COLUMNS, BenchPlan, Candidate, default_candidates, quick_scale, run_bench, table_rows, write_outputs
 from leancnn.cli import main
 from leancnn.kernels.sparse import DENSE_PACKED, PASS_CHOICES
@@ -39,8 +40,21 @@ def test_default_candidates_cover_registered_methods():
     assert labels[0] == "dense" and {"PS4_P4", "PSD2_P8", "PS1_P9"} <= set(labels)
     assert [c.methods for c in default_candidates(["psconv:k=2,period=6"])][1] == ["psconv:k=2,period=6"]
     quick = [c.label for c in default_candidates(quick=True)]
-    assert quick == ["dense", "dnr:density=0.05,attack=none", "PS4_P4"]   # csr trains too slowly for it
-    assert "vip" not in " ".join(labels), "post-training methods are not trained from scratch"
+    # csr, synflow and admm train too slowly for it; the post-training ones come last (they compress dense).
+    assert quick == ["dense", "dnr:density=0.05,attack=none", "PS4_P4", "bcr:density=0.1",
+                     "magprune:density=0.1,attack=none"]
+    assert {"synflow:density=0.1", "admm:density=0.1,bits=8"} <= set(labels)
+    assert "vip" not in " ".join(labels), "post-training methods without bench strengths are left out"
+
+
+def test_a_post_training_candidate_compresses_the_dense_run(tmp_path):
+    rows = run_bench(_plan([Candidate("dense", []), Candidate("bcr", ["bcr:density=0.25"])]), tmp_path, progress=False)
+    dense, bcr = rows[0], rows[-1]
+    assert bcr["label"] == "bcr" and "error" not in bcr
+    assert read_result(tmp_path / "runs" / "bcr").extra["compress"]["from"] == str(tmp_path / "runs" / "dense")
+    assert bcr["params_nonzero"] < 0.5 * dense["params_nonzero"] and bcr["latency_b64_ms"] > 0
+    alone = run_bench(_plan([Candidate("bcr", ["bcr:density=0.25"])]), tmp_path / "alone", progress=False)
+    assert alone[0]["error"] == "bcr compresses the dense run, which did not finish"
 
 
 def _plan(candidates):

@@ -33,7 +33,7 @@ from torch import nn
 from ..errors import ConfigError
 from .base import register_method
 from .masking import (PRUNE_MASK, FixedMaskMethod, check_density, densities, keep_count, masked_layers,
-                      set_masks, weight_layers)
+                      set_masks, top_k_mask, weight_layers)
 from .selection import stem_conv
 
 SCALE = "admm_scale"     # a layer's level spacing s (a 0-d buffer, saved with the weights)
@@ -47,7 +47,7 @@ class ADMMOptions:
     rho: float = 1e-3          # initial penalty weight
     growth: float = 1.3        # rho's factor at each Z/U update
     rho_max: float = 1.0       # rho stops growing here
-    update_every: int = 200    # optimizer steps between Z/U updates
+    update_every: int = 50     # optimizer steps between Z/U updates
     prune_at: float = 0.5      # fraction of the epochs trained with ADMM before the hard projection
 
 
@@ -82,13 +82,6 @@ def quantize(values: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
     return torch.sign(values) * q * torch.tensor(scale, dtype=values.dtype)
 
 
-def top_k_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` largest magnitudes (ties by position: exactly `keep` true)."""
-    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-    mask[weight.detach().abs().flatten().topk(keep, sorted=False).indices] = True
-    return mask.view_as(weight)
-
-
 def project(weight: torch.Tensor, keep: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The Euclidean projection onto {at most `keep` non-zeros} and then, with bits > 0, the
     survivors' nearest levels: (projected weight, mask, scale; scale 0 without quantisation)."""
@@ -109,6 +102,8 @@ class ADMM(FixedMaskMethod):
     name = "admm"
     Options = ADMMOptions
     test_specs = ["admm:density=0.1,bits=4,update_every=2", "admm:density=0.2,update_every=3,prune_at=0.9"]
+    bench_specs = ["admm:density=0.1,bits=8"]
+    in_quick_bench = False   # trains from scratch like dense: the full bench has it
 
     def __init__(self, options=None) -> None:
         super().__init__(options)

@@ -66,6 +66,7 @@ class BCR(FixedMaskMethod):
     Options = BCROptions
     post_training = True
     test_specs = ["bcr:density=0.25", "bcr:density=0.2,row_density=0.5"]
+    bench_specs = ["bcr:density=0.1"]   # from the dense run, one epoch of fine-tuning
 
     def validate(self) -> None:
         o = self.options

@@ -53,6 +53,7 @@ from .base import Method, register_method
 from .selection import stem_conv
 from .channels import channel_groups, keep_channels, shrink_to_widths
 from .l1prune import parse_widths
+from .masking import apply_masks, densities, keep_count, masked_layers
 
 MASK = "dnr_mask"
 CHANNEL_MASK = "dnr_channel_mask"
@@ -171,7 +172,7 @@ class DNR(Method):
         generator = torch.Generator().manual_seed(self.options.seed)
         for _, module in prunable(model):
             weight = module.weight
-            keep = max(1, round(self.options.density * weight.numel()))
+            keep = keep_count(weight.numel(), self.options.density)
             mask = torch.zeros(weight.numel(), dtype=torch.bool)
             mask[torch.randperm(weight.numel(), generator=generator)[:keep]] = True
             module.register_buffer(MASK, mask.view_as(weight).to(weight.device))
@@ -180,7 +181,7 @@ class DNR(Method):
         return model
 
     def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in model.named_modules() if hasattr(m, MASK) and isinstance(getattr(m, MASK), torch.Tensor)]
+        return masked_layers(model, MASK)
 
     # -- training ------------------------------------------------------------
     def before_training(self, trainer) -> None:
@@ -205,8 +206,7 @@ class DNR(Method):
 
     @torch.no_grad()
     def after_step(self, trainer) -> None:
-        for _, module in self.layers(trainer.model):
-            module.weight.mul_(getattr(module, MASK))
+        apply_masks(trainer.model, MASK)
         for _, block in self.channel_blocks(trainer.model):
             apply_channel_mask(block)
 
@@ -225,7 +225,7 @@ class DNR(Method):
         layers = self.layers(trainer.model)
         if epoch + 1 < trainer.config.epochs:  # the last epoch ends with the trained mask, no rewiring
             self.rewire(layers, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs))
-        return {"dnr_density": {name: round(float(getattr(m, MASK).float().mean()), 6) for name, m in layers}}
+        return {"dnr_density": densities(trainer.model, MASK)}
 
     @torch.no_grad()
     def rewire(self, layers: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer, fraction: float) -> None:

@@ -151,6 +151,8 @@ class SynFlow(InitPrune):
     name = "synflow"
     Options = SynFlowOptions
     test_specs = ["synflow:density=0.1,rounds=5"]
+    bench_specs = ["synflow:density=0.1"]
+    in_quick_bench = False   # trains from scratch like dense: the full bench has it
 
     def rounds(self) -> int:
         return self.options.rounds

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .base import register_method
 from .dnr import DNR, MASK, DNROptions, prunable
+from .masking import add_full_masks, densities, keep_count, set_masks, top_k_mask
 
 
 @dataclass
@@ -34,7 +34,7 @@ class MagPrune(DNR):
     Options = MagPruneOptions
     test_specs = ["magprune:density=0.2,attack=fgsm,eval_images=32"]
     post_training = True
-    bench_specs: list[str] = []
+    bench_specs = ["magprune:density=0.1,attack=none"]   # BCR's irregular counterpart
 
     def check_training(self, config) -> None:
         """The mask never changes: no momentum needed (DNR's rewiring needs it)."""
@@ -46,21 +46,15 @@ class MagPrune(DNR):
 
     def prepare(self, model: nn.Module) -> nn.Module:
         # Rebuilding a saved run: mask buffers to load into (their values come from the file).
-        for _, module in prunable(model):
-            module.register_buffer(MASK, torch.ones_like(module.weight, dtype=torch.bool))
+        add_full_masks(prunable(model), MASK)
         return model
 
-    @torch.no_grad()
     def compress(self, model, context):
-        for _, module in prunable(model):
-            weight = module.weight
-            keep = max(1, round(self.options.density * weight.numel()))
-            mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
-            mask[weight.abs().flatten().topk(keep).indices] = True
-            module.register_buffer(MASK, mask.view_as(weight))
-            weight.mul_(module.dnr_mask)
+        layers = prunable(model)
+        add_full_masks(layers, MASK)
+        set_masks(model, {name: top_k_mask(m.weight, keep_count(m.weight.numel(), self.options.density))
+                          for name, m in layers}, MASK)
         return model, self
 
     def after_epoch(self, trainer, epoch: int):
-        return {"dnr_density": {name: round(float(getattr(m, MASK).float().mean()), 6)
-                                for name, m in self.layers(trainer.model)}}
+        return {"dnr_density": densities(trainer.model, MASK)}

@@ -26,23 +26,32 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, PRUNE_MASK, None), torch.Tensor)]
+# Every helper takes the buffer's name: DNR and magprune keep theirs as `dnr_mask`, the name
+# their saved runs have.
+def masked_layers(model: nn.Module, buffer: str = PRUNE_MASK) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, buffer, None), torch.Tensor)]
 
 
-def add_full_masks(layers: list[tuple[str, nn.Module]]) -> None:
+def add_full_masks(layers: list[tuple[str, nn.Module]], buffer: str = PRUNE_MASK) -> None:
     """All-true masks to load a saved run's masks into (and to start from)."""
     for _, module in layers:
-        module.register_buffer(PRUNE_MASK, torch.ones_like(module.weight, dtype=torch.bool))
+        module.register_buffer(buffer, torch.ones_like(module.weight, dtype=torch.bool))
 
 
 @torch.no_grad()
-def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], buffer: str = PRUNE_MASK) -> None:
     """Install `masks` (layer name -> bool tensor) and zero the pruned weights."""
-    for name, module in masked_layers(model):
+    for name, module in masked_layers(model, buffer):
         if name in masks:
-            getattr(module, PRUNE_MASK).copy_(masks[name])
-        module.weight.mul_(getattr(module, PRUNE_MASK))
+            getattr(module, buffer).copy_(masks[name])
+        module.weight.mul_(getattr(module, buffer))
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, buffer: str = PRUNE_MASK) -> None:
+    """Zero every masked weight again (after an optimizer step moved them)."""
+    for _, module in masked_layers(model, buffer):
+        module.weight.mul_(getattr(module, buffer))
 
 
 def check_density(method: str, density: float) -> None:
@@ -69,8 +78,16 @@ def global_top_k(scores: dict[str, torch.Tensor], keep: int) -> dict[str, torch.
     return masks
 
 
-def densities(model: nn.Module) -> dict[str, float]:
-    return {name: round(float(getattr(m, PRUNE_MASK).float().mean()), 6) for name, m in masked_layers(model)}
+def top_k_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` largest magnitudes of one layer (ties by position: exactly `keep` true)."""
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+    mask[weight.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+    return mask.view_as(weight)
+
+
+def densities(model: nn.Module, buffer: str = PRUNE_MASK) -> dict[str, float]:
+    """Each masked layer's fraction of kept weights (what the runs' logs record per epoch)."""
+    return {name: round(float(getattr(m, buffer).float().mean()), 6) for name, m in masked_layers(model, buffer)}
 
 
 @torch.no_grad()
@@ -105,10 +122,8 @@ class FixedMaskMethod(Method):
         add_full_masks(self.layers(model))
         return model
 
-    @torch.no_grad()
     def after_step(self, trainer) -> None:
-        for _, module in masked_layers(trainer.model):
-            module.weight.mul_(getattr(module, PRUNE_MASK))
+        apply_masks(trainer.model)
 
     def after_epoch(self, trainer, epoch: int):
         return {"mask_density": densities(trainer.model)}
