@@ -183,6 +183,8 @@ def runs(args) -> list[tuple[Path, str, Path]]:
     unless finished, or with --part table only read (a missing one stops the table)."""
     def run(name, model, spec, epochs, subset):
         out = Path(args.out) / name
+        if args.only and model != args.only and args.part == "train":
+            return out   # another process trains it (two processes must not train the same run)
         if args.part == "table":
             if not (out / "result.json").is_file():
                 raise SystemExit(f"{out}: not trained yet; run --part train first")
@@ -191,6 +193,8 @@ def runs(args) -> list[tuple[Path, str, Path]]:
 
     def compressed_run(name, parent, spec):
         out = Path(args.out) / name
+        if args.only and args.only != "resnet20" and args.part == "train":
+            return out
         if args.part == "table" and not (out / "result.json").is_file():
             raise SystemExit(f"{out}: not compressed yet; run --part train first")
         return compressed(args, name, parent, spec)
@@ -257,6 +261,8 @@ def main() -> None:
     parser.add_argument("--admm-density", type=float, default=0.02,
                         help="lenet5: 0.02 (50x) leaves room for 100x in size with 4-bit codes, their index, the fp32 biases and the dense stem")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["resnet20", "lenet5"], help="train only this model's runs (so that two "
+                        "processes with --threads 1 can share two cores)")
     args = parser.parse_args()
     pin_threads(args.threads)
     print(machine_line(), flush=True)
