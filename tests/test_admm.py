@@ -74,11 +74,22 @@ def test_the_loss_adds_the_augmented_lagrangian_penalty():
     method.before_training(trainer)
     weight = model[2].weight.detach()
     z = method.z["2"]
-    assert int(torch.count_nonzero(z)) == 24 and torch.equal(method.u["2"], weight - z)   # 25% of 96
+    assert int(torch.count_nonzero(z)) == 24 and not method.u["2"].any()   # 25% of 96; U starts at 0
+    assert torch.equal(z, weight * (weight.abs() >= weight.abs().flatten().topk(24).values[-1]))
     images, labels = torch.randn(5, 1, 6, 6), torch.tensor([0, 1, 2, 0, 1])
     clean = nn.functional.cross_entropy(model(images), labels)
     penalty = (weight - z + method.u["2"]).pow(2).sum()
     loss = method.loss(trainer, images, labels).detach()
+    assert float(loss) == pytest.approx(float((clean + 0.005 * penalty).detach()), rel=1e-6)
+    # After an update the dual is the residual, U = W - Z (it started at 0), and the loss carries it.
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)
+    method.update_z(model)
+    u = method.u["2"]
+    assert u.any() and torch.equal(u, model[2].weight.detach() - method.z["2"])
+    penalty = (model[2].weight - method.z["2"] + u).pow(2).sum()
+    loss = method.loss(trainer, images, labels).detach()
+    clean = nn.functional.cross_entropy(model(images), labels)
     assert float(loss) == pytest.approx(float((clean + 0.005 * penalty).detach()), rel=1e-6)
 
 

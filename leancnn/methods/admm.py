@@ -154,9 +154,12 @@ class ADMM(FixedMaskMethod):
             self.z[name] = project(weight + u, self.keep(module), self.options.bits)[0]
             self.u[name] = u + weight - self.z[name]
 
+    @torch.no_grad()
     def before_training(self, trainer) -> None:
-        if not self.projected and not self.z:   # a fresh run (a resumed one loaded Z and U)
-            self.update_z(trainer.model)
+        if not self.projected and not self.z:   # a fresh run (a resumed one loaded Z and U): Z = Proj(W), U = 0
+            for name, module in masked_layers(trainer.model):
+                self.z[name] = project(module.weight.detach(), self.keep(module), self.options.bits)[0]
+                self.u[name] = torch.zeros_like(module.weight.detach())
 
     def loss(self, trainer, images, labels):
         if self.projected:
