@@ -40,7 +40,8 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q
+	@# One process per core (each test runs on one torch thread), at most 4 (a worker holds torch).
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 clean-runs:
 	rm -rf runs bench

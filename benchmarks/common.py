@@ -69,19 +69,50 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+MACHINE_SECTION = re.compile(r"<!-- machine: (.*?) -->\n")
+MACHINE_OF_BLOCK = re.compile(r"machine: (.*?), \d+ cores")
+
+
+def machine_sections(region: str) -> dict[str, str]:
+    """The per-machine blocks between a marker's start and end, by the CPU they were measured on.
+    A region written before machines had sections is one block, keyed by its machine line (a
+    placeholder with no machine line is dropped)."""
+    parts = MACHINE_SECTION.split(region)
+    if len(parts) == 1:
+        found = MACHINE_OF_BLOCK.search(region)
+        return {found.group(1): region.strip()} if found else {}
+    return {key: text.strip() for key, text in zip(parts[1::2], parts[2::2])}
+
+
+def spliced(text: str, block: str, marker: str) -> str | None:
+    """`text` with `block` as its machine's section between <!-- marker:start --> and
+    <!-- marker:end --> (the other machines' sections kept, in their order); None without the marker."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    pattern = re.compile(re.escape(start) + "(.*?)" + re.escape(end), re.S)
+    region = pattern.search(text)
+    if region is None:
+        return None
+    found = MACHINE_OF_BLOCK.search(block)
+    if found is None:
+        raise ValueError(f"a published block must name its machine (machine_line()); {marker}'s does not")
+    sections = machine_sections(region.group(1))
+    sections[found.group(1)] = block.strip()
+    body = "\n\n".join(f"<!-- machine: {key} -->\n{value}" for key, value in sections.items())
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text, count=1)
+
+
 def splice_doc(block: str, marker: str, document: str) -> None:
-    """Replace the text between <!-- marker:start --> and <!-- marker:end --> in `document`, a page
-    under docs/ (benchmarks never edit the README: it quotes a few figures by hand, with their command)."""
+    """Put `block` into `document`, a page under docs/ (benchmarks never edit the README: it quotes
+    a few figures by hand, with their command), as the section of the machine it names: figures
+    from one machine never overwrite another's (spliced)."""
     if not document.startswith("docs/"):
         raise ValueError(f"benchmarks write their figures into docs/, not {document}")
     path = Path(__file__).resolve().parents[1] / document
-    text = path.read_text()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if start not in text:
-        print(f"{document} has no {start} marker; table not spliced")
+    text = spliced(path.read_text(), block, marker)
+    if text is None:
+        print(f"{document} has no <!-- {marker}:start --> marker; table not spliced")
         return
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    path.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+    path.write_text(text)
 
 
 def best_latency_ms(model, input_shape, batch: int, threads: int, runs: int) -> float:

@@ -10,10 +10,13 @@ oneDNN's dense convolution; then the whole resnet18 w0.5 pruned both ways and de
 (times the deployed models on an idle machine and writes the table):
 - resnet20 on Fashion-MNIST, one budget for all (--epochs over --train-subset images): dense;
   synflow, random-init, magnitude-init and snip at densities 0.1, 0.01, 0.002 (the layers left
-  empty at initialisation are read from each run's log); admm at density 0.1 (10x);
-  bcr and magprune at density 0.1 applied to the dense run, fine-tuned --finetune-epochs.
-- lenet5 on Fashion-MNIST (--lenet-epochs over all training images): dense, and admm at
-  --admm-density with 4-bit levels; model size as the counter measures it (codes + index).
+  empty at initialisation are read from each run's log); admm at density 0.1 (10x) applied to
+  the dense run for --epochs more; bcr and magprune at density 0.1 applied to the dense run,
+  fine-tuned --finetune-epochs.
+- lenet5 on Fashion-MNIST (--lenet-epochs over all training images): dense, then admm applied to
+  the dense run (as ADMM-NN starts from a trained model) at each of --admm-densities with 4-bit
+  levels and the global allocation, --admm-epochs at --admm-lr; model size as the counter
+  measures it (codes + index).
 - every pruned model deployed: its speed-up at batch 64 (1 thread) next to its MAC ratio.
 
     nohup .venv/bin/python benchmarks/pruning_family.py --part train --threads 1 > pruning.log 2>&1 &
@@ -141,11 +144,11 @@ def train(args, name: str, model: str, spec: str | None, epochs: int, subset: in
     return out
 
 
-def compressed(args, name: str, parent: Path, spec: str) -> Path:
+def compressed(args, name: str, parent: Path, spec: str, epochs: int, lr: float | None) -> Path:
     out = Path(args.out) / name
     if not (out / "result.json").is_file():
         log(f"{name}: {spec} on {parent.name} ...")
-        compress_run(parent, [spec], epochs=args.finetune_epochs, out=out, progress=False, latency=False)
+        compress_run(parent, [spec], epochs=epochs, out=out, lr=lr, progress=False, latency=False)
     return out
 
 
@@ -191,13 +194,13 @@ def runs(args) -> list[tuple[Path, str, Path]]:
             return out
         return train(args, name, model, spec, epochs, subset)
 
-    def compressed_run(name, parent, spec):
+    def compressed_run(name, parent, spec, epochs=args.finetune_epochs, lr=None):
         out = Path(args.out) / name
-        if args.only and args.only != "resnet20" and args.part == "train":
+        if args.only and not name.startswith(args.only) and args.part == "train":
             return out
         if args.part == "table" and not (out / "result.json").is_file():
             raise SystemExit(f"{out}: not compressed yet; run --part train first")
-        return compressed(args, name, parent, spec)
+        return compressed(args, name, parent, spec, epochs, lr)
 
     table = []
     dense = run("resnet20-dense", "resnet20", None, args.epochs, args.train_subset)
@@ -207,14 +210,16 @@ def runs(args) -> list[tuple[Path, str, Path]]:
             spec = f"{method}:density={density}"
             table.append((run(f"resnet20-{method}-{density}", "resnet20", spec, args.epochs, args.train_subset),
                           spec, dense))
-    table.append((run("resnet20-admm-0.1", "resnet20", "admm:density=0.1", args.epochs, args.train_subset),
-                  "admm:density=0.1", dense))
+    table.append((compressed_run("resnet20-admm-0.1", dense, "admm:density=0.1", args.epochs),
+                  f"admm:density=0.1 (+{args.epochs} ep.)", dense))
     for name, spec in (("resnet20-bcr-0.1", BCR_SPEC), ("resnet20-magprune-0.1", IRREGULAR_SPEC)):
         table.append((compressed_run(name, dense, spec), f"{spec} (+{args.finetune_epochs} ep.)", dense))
     lenet = run("lenet5-dense", "lenet5", None, args.lenet_epochs, None)
     table.append((lenet, "dense", lenet))
-    spec = f"admm:density={args.admm_density},bits=4"
-    table.append((run(f"lenet5-admm-{args.admm_density}-4bit", "lenet5", spec, args.lenet_epochs, None), spec, lenet))
+    for density in args.admm_densities:
+        spec = f"admm:density={density},bits=4,allocation=global"
+        table.append((compressed_run(f"lenet5-admm-{density}-4bit", lenet, spec, args.admm_epochs, args.admm_lr),
+                      f"{spec} (+{args.admm_epochs} ep.)", lenet))
     return table
 
 
@@ -236,9 +241,9 @@ def accuracy(args) -> None:
                      f"{r['size_ratio']:.1f}x | {emptied} | {r['speedup_b64']:.2f}x |")
     block = (f"{kernel_machine_line(args.threads)}\n\n`.venv/bin/python benchmarks/pruning_family.py --part train "
              f"--threads {args.threads} --epochs {args.epochs} --train-subset {args.train_subset} --lenet-epochs "
-             f"{args.lenet_epochs} --lenet-lr {args.lenet_lr}`, then `--part table` (Fashion-MNIST, test set of 10,000; resnet20 runs {args.epochs} "
+             f"{args.lenet_epochs} --lenet-lr {args.lenet_lr} --admm-epochs {args.admm_epochs} --admm-lr {args.admm_lr}`, then `--part table` (Fashion-MNIST, test set of 10,000; resnet20 runs {args.epochs} "
              f"epochs over {args.train_subset} training images; bcr and magprune fine-tune the dense run "
-             f"{args.finetune_epochs} epoch(s); lenet5 {args.lenet_epochs} epochs over all 60,000 at lr {args.lenet_lr}; speed-ups at batch 64, "
+             f"{args.finetune_epochs} epoch(s); lenet5 {args.lenet_epochs} epochs over all 60,000 at lr {args.lenet_lr}, admm on it {args.admm_epochs} more at lr {args.admm_lr}; speed-ups at batch 64, "
              f"{args.threads} thread(s), median of {args.runs} alternating runs: the deployed model against the same "
              "weights run dense with BN folded)\n\n" + "\n".join(lines))
     print(block)
@@ -258,8 +263,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=1, help="bcr and magprune fine-tuning epochs")
     parser.add_argument("--lenet-epochs", type=int, default=12)
     parser.add_argument("--lenet-lr", type=float, default=0.05)
-    parser.add_argument("--admm-density", type=float, default=0.02,
-                        help="lenet5: 0.02 (50x) leaves room for 100x in size with 4-bit codes, their index, the fp32 biases and the dense stem")
+    parser.add_argument("--admm-densities", type=lambda text: [float(d) for d in text.split(",")], default=[0.05, 0.02],
+                        help="lenet5's admm densities, comma-separated: 0.05 = 20x fewer weights; 0.02 (50x) leaves room "
+                             "for 100x in size with 4-bit codes, their index, the fp32 biases and the dense stem")
+    parser.add_argument("--admm-epochs", type=int, default=20, help="lenet5: admm's epochs on the dense run")
+    parser.add_argument("--admm-lr", type=float, default=0.02, help="lenet5: admm's learning rate on the dense run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["resnet20", "lenet5"], help="train only this model's runs (so that two "
                         "processes with --threads 1 can share two cores)")

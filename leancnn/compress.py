@@ -91,6 +91,10 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     new_config = replace(config, methods=config.methods + resolved, out=str(out))
     write_text(out / "config.toml", to_toml(new_config))
     model = context.finetune(model, epochs, lr).cpu()
+    for method in context.methods[len(existing):]:
+        # The new methods settle as after training (ADMM projects if no epoch did; a run
+        # fine-tuned for 0 epochs must still satisfy its constraints).
+        model = method.finalize(model)
     test = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size)
     new_architecture = {**architecture, "methods": architecture.get("methods", []) + resolved,
                         "compressed_from": str(run_dir)}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from leancnn.compress import compress_run
 from leancnn.errors import ConfigError
 from leancnn.experiment import train_run
 from leancnn.measure import count
@@ -93,6 +94,45 @@ def test_the_loss_adds_the_augmented_lagrangian_penalty():
     assert float(loss) == pytest.approx(float((clean + 0.005 * penalty).detach()), rel=1e-6)
 
 
+
+def test_a_rise_of_rho_keeps_the_multiplier_and_rescales_the_scaled_dual():
+    # U is the multiplier over rho: when rho rises by `growth` at an update, rho x U must not change.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
+    method = parse_method("admm:density=0.5,rho=0.01,growth=2,update_every=1")
+    model = method.prepare(model)
+    trainer = admm_trainer(model)
+    method.before_training(trainer)
+    with torch.no_grad():
+        model[2].weight.mul_(1.5)   # so that the update leaves a non-zero dual
+    method.after_step(trainer)     # step 0: Z/U update, then rho 0.01 -> 0.02
+    z = method.z["2"]
+    residual = model[2].weight.detach() - z
+    assert method.rho == pytest.approx(0.02)
+    torch.testing.assert_close(method.u["2"], residual * 0.5)   # the multiplier 0.01 x residual, over 0.02
+
+def test_global_allocation_splits_the_largest_magnitudes_of_all_layers():
+    # 12 pruned weights at density 0.25: the 3 largest of all (6, 5, 4) lie 1 in the first
+    # linear layer, 2 in the second; each layer then keeps its own largest that many.
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(4, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[4.0, 3.0, 0.1, 0.2], [0.3, 0.4, 0.5, 0.6]]))
+        model[3].weight.copy_(torch.tensor([[5.0, 6.0], [0.01, -0.02]]))
+    method = parse_method("admm:density=0.25,allocation=global")
+    model = method.prepare(model)
+    method.before_training(admm_trainer(model))
+    assert method.targets == {"2": 1, "3": 2}
+    assert method.z["2"].tolist() == [[4.0, 0, 0, 0], [0, 0, 0, 0]]
+    assert method.z["3"].tolist() == [[5.0, 6.0], [0, 0]]
+    restored = parse_method("admm:density=0.25,allocation=global")
+    restored.load_state_dict(method.state_dict())   # a resumed run keeps the targets it started with
+    assert restored.targets == {"2": 1, "3": 2}
+    layered = parse_method("admm:density=0.25")
+    layered.prepare(model)
+    layered.before_training(admm_trainer(model))
+    assert layered.targets == {"2": 2, "3": 1}
+
+
 def test_retraining_moves_the_latent_and_keeps_weights_on_their_levels():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 20))
@@ -143,7 +183,22 @@ def test_a_trained_run_saves_weights_exactly_on_levels_and_counts_their_storage(
     ("admm:update_every=0", "update_every must be at least 1 step"),
     ("admm:prune_at=0", "prune_at must be in (0, 1]"),
     ("admm:levels=4", "unknown option 'levels'"),
+    ("admm:allocation=random", "allocation must be one of layer, global"),
 ])
 def test_bad_options_fail_before_training(spec, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_method(spec)
+
+
+def test_compress_with_no_epochs_still_projects(tmp_path):
+    # `leancnn compress RUN --method admm:... --epochs 0`: no epoch ends, so no projection epoch
+    # comes; the saved model must still hold exactly the target count, on levels.
+    parent = train_run(tiny_config(tmp_path, model="lenet5", width=1.0)).run_dir
+    out = compress_run(parent, ["admm:density=0.1,bits=3"], epochs=0, out=tmp_path / "admm", progress=False,
+                       latency=False)
+    model, _ = load_run(out.run_dir)
+    for name, module in masked_layers(model):
+        weight = module.weight.detach()
+        kept = weight != 0
+        assert int(kept.sum()) == max(1, round(0.1 * weight.numel())), name
+        assert torch.equal(weight[kept], quantize(weight[kept], float(getattr(module, SCALE)), 3)), name
