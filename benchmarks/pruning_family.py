@@ -10,9 +10,8 @@ oneDNN's dense convolution; then the whole resnet18 w0.5 pruned both ways and de
 (times the deployed models on an idle machine and writes the table):
 - resnet20 on Fashion-MNIST, one budget for all (--epochs over --train-subset images): dense;
   synflow, random-init, magnitude-init and snip at densities 0.1, 0.01, 0.002 (the layers left
-  empty at initialisation are read from each run's log); admm at density 0.1 (10x) applied to
-  the dense run for --epochs more; bcr and magprune at density 0.1 applied to the dense run,
-  fine-tuned --finetune-epochs.
+  empty at initialisation are read from each run's log); admm (10x), bcr and magprune at density
+  0.1 applied to the dense run, each trained --finetune-epochs more (3: the training's budget).
 - lenet5 on Fashion-MNIST (--lenet-epochs over all training images): dense, then admm applied to
   the dense run (as ADMM-NN starts from a trained model) at each of --admm-densities with 4-bit
   levels and the global allocation, --admm-epochs at --admm-lr; model size as the counter
@@ -210,8 +209,8 @@ def runs(args) -> list[tuple[Path, str, Path]]:
             spec = f"{method}:density={density}"
             table.append((run(f"resnet20-{method}-{density}", "resnet20", spec, args.epochs, args.train_subset),
                           spec, dense))
-    table.append((compressed_run("resnet20-admm-0.1", dense, "admm:density=0.1", args.epochs),
-                  f"admm:density=0.1 (+{args.epochs} ep.)", dense))
+    table.append((compressed_run("resnet20-admm-0.1", dense, "admm:density=0.1"),
+                  f"admm:density=0.1 (+{args.finetune_epochs} ep.)", dense))
     for name, spec in (("resnet20-bcr-0.1", BCR_SPEC), ("resnet20-magprune-0.1", IRREGULAR_SPEC)):
         table.append((compressed_run(name, dense, spec), f"{spec} (+{args.finetune_epochs} ep.)", dense))
     lenet = run("lenet5-dense", "lenet5", None, args.lenet_epochs, None)
@@ -242,8 +241,8 @@ def accuracy(args) -> None:
     block = (f"{kernel_machine_line(args.threads)}\n\n`.venv/bin/python benchmarks/pruning_family.py --part train "
              f"--threads {args.threads} --epochs {args.epochs} --train-subset {args.train_subset} --lenet-epochs "
              f"{args.lenet_epochs} --lenet-lr {args.lenet_lr} --admm-epochs {args.admm_epochs} --admm-lr {args.admm_lr}`, then `--part table` (Fashion-MNIST, test set of 10,000; resnet20 runs {args.epochs} "
-             f"epochs over {args.train_subset} training images; bcr and magprune fine-tune the dense run "
-             f"{args.finetune_epochs} epoch(s); lenet5 {args.lenet_epochs} epochs over all 60,000 at lr {args.lenet_lr}, admm on it {args.admm_epochs} more at lr {args.admm_lr}; speed-ups at batch 64, "
+             f"epochs over {args.train_subset} training images; admm, bcr and magprune train the dense run "
+             f"{args.finetune_epochs} epoch(s) more; lenet5 {args.lenet_epochs} epochs over all 60,000 at lr {args.lenet_lr}, admm on it {args.admm_epochs} more at lr {args.admm_lr}; speed-ups at batch 64, "
              f"{args.threads} thread(s), median of {args.runs} alternating runs: the deployed model against the same "
              "weights run dense with BN folded)\n\n" + "\n".join(lines))
     print(block)
@@ -260,12 +259,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/pruning", help="where the training runs go")
     parser.add_argument("--epochs", type=int, default=3, help="resnet20 training epochs (every method alike)")
     parser.add_argument("--train-subset", type=int, default=20000, help="resnet20 training images")
-    parser.add_argument("--finetune-epochs", type=int, default=1, help="bcr and magprune fine-tuning epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=3, help="resnet20: admm's, bcr's and magprune's epochs on the dense run")
     parser.add_argument("--lenet-epochs", type=int, default=12)
     parser.add_argument("--lenet-lr", type=float, default=0.05)
-    parser.add_argument("--admm-densities", type=lambda text: [float(d) for d in text.split(",")], default=[0.05, 0.02],
-                        help="lenet5's admm densities, comma-separated: 0.05 = 20x fewer weights; 0.02 (50x) leaves room "
-                             "for 100x in size with 4-bit codes, their index, the fp32 biases and the dense stem")
+    parser.add_argument("--admm-densities", type=lambda text: [float(d) for d in text.split(",")],
+                        default=[0.045, 0.02],
+                        help="lenet5's admm densities, comma-separated: 0.045 = 21x fewer weights (the dense stem "
+                             "and the biases count); 0.02 (44x) aims at 100x in size with 4-bit codes and their index")
     parser.add_argument("--admm-epochs", type=int, default=20, help="lenet5: admm's epochs on the dense run")
     parser.add_argument("--admm-lr", type=float, default=0.02, help="lenet5: admm's learning rate on the dense run")
     parser.add_argument("--seed", type=int, default=0)

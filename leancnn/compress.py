@@ -36,6 +36,7 @@ class CompressSession:
     progress: bool = True
     log: Callable[[str], None] = print
     notes: dict[str, Any] = field(default_factory=dict)
+    epochs_log: list[dict] = field(default_factory=list)   # every fine-tuning epoch's entry, for the run's log.jsonl
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 on the held-out selection images."""
@@ -49,6 +50,7 @@ class CompressSession:
                          schedule="cosine")
         trainer = Trainer(model, self.dataset, config, methods=self.methods, progress=self.progress)
         trainer.fit()
+        self.epochs_log.extend(trainer.state.log)
         return trainer.model.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -108,7 +110,7 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
                           "test_acc_before_finetune": compressed, **context.notes}
     measure_into(result, model, dataset.input_shape, latency=latency)
     write_model(out, model, new_architecture)
-    write_log(out, [])
+    write_log(out, context.epochs_log)
     save_result(out, result)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     return RunOutcome(out, result, model)

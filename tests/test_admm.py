@@ -4,6 +4,7 @@ saved weights (exactly zero or exactly on their levels) and its storage, and bad
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import types
 
@@ -61,7 +62,7 @@ def test_quantize_picks_the_nearest_level_on_random_values(bits):
 
 
 def admm_trainer(model):
-    return types.SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy,
+    return types.SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy, loader=range(10),
                                  state=types.SimpleNamespace(step=0), config=types.SimpleNamespace(epochs=4))
 
 
@@ -110,6 +111,20 @@ def test_a_rise_of_rho_keeps_the_multiplier_and_rescales_the_scaled_dual():
     residual = model[2].weight.detach() - z
     assert method.rho == pytest.approx(0.02)
     torch.testing.assert_close(method.u["2"], residual * 0.5)   # the multiplier 0.01 x residual, over 0.02
+
+@pytest.mark.parametrize("steps, epochs, every, rising", [
+    (156, 3, 9, 26),     # resnet20's bench budget: the phase is 2 epochs, 312 steps -> every 9 steps, 34 updates
+    (469, 20, 146, 24),  # lenet5 compressed 20 epochs: 10 of 469 steps, every 146 steps, 32 updates
+    (4, 2, 1, 3),        # fewer steps than updates: every step, rho at its maximum after 3 of the 4
+])
+def test_the_automatic_schedule_brings_rho_to_its_maximum_at_three_quarters_of_the_phase(steps, epochs, every, rising):
+    method = parse_method("admm:rho=0.001,rho_max=1")
+    chosen_every, growth = method.schedule(steps, epochs)
+    assert chosen_every == every
+    assert 0.001 * growth ** rising == pytest.approx(1.0)
+    fixed = parse_method("admm:update_every=50,growth=1.3").schedule(steps, epochs)
+    assert fixed == (50, 1.3)
+
 
 def test_global_allocation_splits_the_largest_magnitudes_of_all_layers():
     # 12 pruned weights at density 0.25: the 3 largest of all (6, 5, 4) lie 1 in the first
@@ -179,8 +194,8 @@ def test_a_trained_run_saves_weights_exactly_on_levels_and_counts_their_storage(
     ("admm:bits=17", "bits must be 0 (no quantisation) or 1-16"),
     ("admm:bits=-1", "bits must be 0 (no quantisation) or 1-16"),
     ("admm:rho=0", "need 0 < rho <= rho_max"),
-    ("admm:growth=0.5", "growth must be >= 1"),
-    ("admm:update_every=0", "update_every must be at least 1 step"),
+    ("admm:growth=0.5", "growth must be >= 1 (rho only rises) or 0 (automatic)"),
+    ("admm:update_every=-1", "update_every must be a number of steps, or 0 (automatic)"),
     ("admm:prune_at=0", "prune_at must be in (0, 1]"),
     ("admm:levels=4", "unknown option 'levels'"),
     ("admm:allocation=random", "allocation must be one of layer, global"),
@@ -202,3 +217,15 @@ def test_compress_with_no_epochs_still_projects(tmp_path):
         kept = weight != 0
         assert int(kept.sum()) == max(1, round(0.1 * weight.numel())), name
         assert torch.equal(weight[kept], quantize(weight[kept], float(getattr(module, SCALE)), 3)), name
+
+
+def test_a_compress_run_logs_its_epochs_with_the_admm_phase(tmp_path):
+    # 4 epochs, projection at the end of the third (prune_at 0.75): two ADMM epochs with rho
+    # rising, then the entries say retrain. The run's log.jsonl holds them (it was empty).
+    parent = train_run(tiny_config(tmp_path, model="lenet5", width=1.0)).run_dir
+    out = compress_run(parent, ["admm:density=0.1,prune_at=0.75"], epochs=4, out=tmp_path / "admm", progress=False,
+                       latency=False)
+    log = [json.loads(line) for line in (out.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [1, 2, 3, 4]
+    assert [entry["admm_phase"] for entry in log] == ["admm", "admm", "retrain", "retrain"]
+    assert 0.001 < log[0]["admm_rho"] < log[1]["admm_rho"] <= 1.0
