@@ -121,7 +121,6 @@ class ADMM(FixedMaskMethod):
         self.u: dict[str, torch.Tensor] = {}
         self.latent: dict[str, torch.Tensor] = {}
         self.targets: dict[str, int] = {}   # weights each pruned layer keeps (allocate)
-        self.update_every, self.growth = self.options.update_every or 1, self.options.growth or 1.0   # (schedule)
 
     def validate(self) -> None:
         o = self.options
@@ -199,8 +198,9 @@ class ADMM(FixedMaskMethod):
 
     @torch.no_grad()
     def before_training(self, trainer) -> None:
+        # The schedule follows from the run's length (also on resume, which calls this too).
+        self.update_every, self.growth = self.schedule(len(trainer.loader), trainer.config.epochs)
         if not self.projected and not self.z:   # a fresh run (a resumed one loaded Z and U): Z = Proj(W), U = 0
-            self.update_every, self.growth = self.schedule(len(trainer.loader), trainer.config.epochs)
             self.allocate(trainer.model)
             for name, module in masked_layers(trainer.model):
                 self.z[name] = project(module.weight.detach(), self.keep(name), self.options.bits)[0]
@@ -290,15 +290,12 @@ class ADMM(FixedMaskMethod):
 
     # -- state that survives a resume -------------------------------------------
     def state_dict(self):
-        return {"rho": self.rho, "projected": self.projected, "targets": self.targets,
-                "update_every": self.update_every, "growth": self.growth}
+        return {"rho": self.rho, "projected": self.projected, "targets": self.targets}
 
     def load_state_dict(self, state) -> None:
         self.rho = float(state.get("rho", self.options.rho))
         self.projected = bool(state.get("projected", False))
         self.targets = {name: int(keep) for name, keep in state.get("targets", {}).items()}
-        self.update_every = int(state.get("update_every", self.update_every))
-        self.growth = float(state.get("growth", self.growth))
 
     def state_tensors(self):
         tensors = {f"z.{k}": v for k, v in self.z.items()}
