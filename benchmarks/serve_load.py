@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine_line, publish
+from common import cpu_model, machine_line, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = ["benchmarks/out/psconv", "benchmarks/out/cap", "bench/full"]
@@ -108,8 +109,13 @@ class Server:
             self.process.kill()
 
 
-async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[float, float], seed: int,
-                   malformed: int = 0) -> dict:
+async def send_load(url: str, images, rate: float, count: int, deadlines: tuple[float, float], seed: int,
+                    malformed: int = 0, during=None, timeout_s: float = 30.0) -> tuple[list[dict], dict, float, dict]:
+    """Poisson arrivals at `rate` of `count` valid requests (each with its true class in X-Label) and
+    `malformed` bad ones, shuffled; `during(client)`, if given, runs beside the load (a fault injector,
+    a memory sampler) and is cancelled when the load ends. (one record per request, the server's
+    /metrics after, the seconds it took, /metrics before). A record: kind, status (0: no answer came: lost), label,
+    answer, sent and done (perf_counter s), client_ms, retry_after (the header, on a 503)."""
     import httpx
 
     rng = random.Random(seed)
@@ -117,12 +123,12 @@ async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[f
     rng.shuffle(plan)
     results: list[dict] = []
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         async def one(kind: str, index: int) -> None:
             if kind == "valid":
                 body, label = images[index]
                 deadline = rng.uniform(*deadlines)
-                headers = {"content-type": "image/png", "x-deadline-ms": f"{deadline:.3f}"}
+                headers = {"content-type": "image/png", "x-deadline-ms": f"{deadline:.3f}", "x-label": str(label)}
             else:
                 body, content_type, deadline_text = MALFORMED[index % len(MALFORMED)]
                 body = images[0][0] if body is None else body
@@ -130,15 +136,22 @@ async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[f
                 if deadline_text is not None:
                     headers["x-deadline-ms"] = deadline_text
                 label = None
-            started = time.perf_counter()
+            sent = time.perf_counter()
+            retry_after = None
             try:
                 response = await client.post("/predict", content=body, headers=headers)
                 status, answer = response.status_code, response.json()
-            except Exception as exc:  # a lost request
+                retry_after = response.headers.get("retry-after")
+            except httpx.ConnectError as exc:   # never accepted (a server that has closed its socket)
+                status, answer = -1, {"error": repr(exc)}
+            except Exception as exc:  # accepted, or sent, and no answer: a lost request
                 status, answer = 0, {"error": repr(exc)}
-            results.append({"kind": kind, "status": status, "label": label, "answer": answer,
-                            "client_ms": 1e3 * (time.perf_counter() - started)})
+            done = time.perf_counter()
+            results.append({"kind": kind, "status": status, "label": label, "answer": answer, "sent": sent,
+                            "done": done, "client_ms": 1e3 * (done - sent), "retry_after": retry_after})
 
+        before = (await client.get("/metrics")).json()
+        side = asyncio.create_task(during(client)) if during is not None else None
         tasks = []
         started = time.perf_counter()
         next_time = started
@@ -150,23 +163,58 @@ async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[f
             tasks.append(asyncio.create_task(one(kind, index)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-        metrics = (await client.get("/metrics")).json()
+        if side is not None:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await side
+        try:
+            metrics = (await client.get("/metrics")).json()
+        except Exception:   # the server is gone (a shutdown test)
+            metrics = {}
+    return results, metrics, elapsed, before
+
+
+def ran_a_model(record: dict) -> bool:
+    return record["status"] == 200 and record["answer"].get("model") is not None
+
+
+def server_effective_accuracy(before: dict, after: dict) -> float | None:
+    """The server's own count (/metrics) over one load: correct and on time / labelled requests."""
+    if not after or not before:
+        return None
+    labelled = after["labelled"] - before["labelled"]
+    hits = after["labelled_correct_on_time"] - before["labelled_correct_on_time"]
+    return hits / labelled if labelled else None
+
+
+def summarize(results: list[dict], metrics: dict, elapsed: float, before: dict, rate: float) -> dict:
+    """The figures of one load: deadline hits, delivered and effective accuracy (correct and on time,
+    over every valid request: refused, expired, shed and late ones count as misses), latency quantiles."""
     valid = [r for r in results if r["kind"] == "valid"]
-    answered = [r for r in valid if r["status"] == 200 and not r["answer"].get("refused")]
+    answered = [r for r in valid if ran_a_model(r)]
     met = [r for r in answered if r["answer"]["deadline_met"]]
     correct = [r for r in answered if r["answer"]["class"] == r["label"]]
     server_ms = sorted(r["answer"]["time_ms"] for r in answered) or [float("nan")]
     bad = [r for r in results if r["kind"] == "bad"]
-    models = {}
+    models: dict[str, int] = {}
     for r in answered:
         models[r["answer"]["model"]] = models.get(r["answer"]["model"], 0) + 1
-    return {"rate": rate, "offered_rate": len(plan) / elapsed, "valid": len(valid), "answered": len(answered),
-            "lost": len(valid) - len([r for r in valid if r["status"] == 200]),
+    return {"rate": rate, "offered_rate": len(results) / elapsed, "valid": len(valid), "answered": len(answered),
+            "lost": len([r for r in valid if r["status"] not in (200, 503)]),
+            "shed": len([r for r in valid if r["status"] == 503]),
+            "expired": len([r for r in valid if r["status"] == 200 and r["answer"].get("expired")]),
             "hit_rate": len(met) / max(1, len(valid)), "accuracy": len(correct) / max(1, len(answered)),
-            "on_time_and_correct": len([r for r in met if r["answer"]["class"] == r["label"]]) / max(1, len(valid)),
-            "p50_ms": server_ms[len(server_ms) // 2], "p99_ms": server_ms[min(len(server_ms) - 1, int(0.99 * len(server_ms)))],
+            "effective_accuracy": len([r for r in met if r["answer"]["class"] == r["label"]]) / max(1, len(valid)),
+            "server_effective_accuracy": server_effective_accuracy(before, metrics),
+            "p50_ms": server_ms[len(server_ms) // 2],
+            "p99_ms": server_ms[min(len(server_ms) - 1, int(0.99 * len(server_ms)))],
             "malformed": len(bad), "malformed_4xx": len([r for r in bad if 400 <= r["status"] < 500]),
-            "models": models, "rss_bytes": metrics["rss_bytes"]}
+            "models": models, "rss_bytes": metrics.get("rss_bytes")}
+
+
+async def run_load(url: str, images, rate: float, count: int, deadlines: tuple[float, float], seed: int,
+                   malformed: int = 0) -> dict:
+    return summarize(*(await send_load(url, images, rate, count, deadlines, seed, malformed)), rate)
 
 
 def decision_cost(zoo: Path, blocking_risk: float) -> tuple[float, float, float]:
@@ -260,11 +308,12 @@ def main() -> None:
     finally:
         server.stop()
     search_us, decision_us, fastest_ms = decision_cost(zoo, args.blocking_risk)
-    lines = ["| policy | rate (req/s) | deadline hits | delivered accuracy | on time and correct | p50 (ms) | p99 (ms) | "
-             "lost |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| policy | rate (req/s) | deadline hits | delivered accuracy | effective accuracy | p50 (ms) | "
+             "p99 (ms) | expired | shed (503) | lost |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r["rate"], list(POLICIES).index(r["policy"]))):
         lines.append(f"| {r['policy']} | {r['rate']:.0f} | {100 * r['hit_rate']:.1f}% | {100 * r['accuracy']:.2f}% | "
-                     f"{100 * r['on_time_and_correct']:.1f}% | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['lost']} |")
+                     f"{100 * r['effective_accuracy']:.1f}% | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['expired']} | "
+                     f"{r['shed']} | {r['lost']} |")
     zoo_lines = ["| zoo model | accuracy | batch-1 median (ms) | p90 (ms) |", "| --- | ---: | ---: | ---: |"]
     for m in manifest["models"]:
         zoo_lines.append(f"| {m['name']} | {100 * m['accuracy']:.2f}% | {m['latency_median_ms']:.3f} | "
@@ -290,7 +339,7 @@ def main() -> None:
                f"{decision_us:.2f} us, {100 * decision_us / 1000 / fastest_ms:.3f}% of the fastest "
                f"model's {fastest_ms:.3f} ms.")
     print(summary)
-    publish("serve_load", summary, document="docs/serving.md", data={"rows": rows, "mixed": mixed_rounds, "rss_bytes": rss, "best_rate": best_rate,
+    publish("serve_load", summary, document="docs/serving.md", data={"cpu": cpu_model(), "rows": rows, "mixed": mixed_rounds, "rss_bytes": rss, "best_rate": best_rate,
                                     "search_us": search_us, "decision_us": decision_us})
 
 

@@ -85,3 +85,19 @@ def synthetic_vgg(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("vgg")
     return train_run(tiny_config(tmp, model="vgg11", width=0.25, epochs=2, train_subset=1200, lr=0.05), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """Two runs on 1x16x16 synthetic data (resnet20 at two widths) -> a zoo."""
+    from leancnn.experiment import train_run
+    from leancnn.zoo.build import build_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    runs = []
+    for width in (0.25, 0.5):
+        config = tiny_config(root, width=width, out=str(root / f"runs/w{width}"))
+        train_run(config, progress=False)
+        runs.append(str(root / f"runs/w{width}"))
+    manifest = build_zoo(runs, root / "zoo", epsilon=0.0, runs=10, log=lambda _: None)
+    return root / "zoo", manifest

@@ -1,22 +1,14 @@
-"""The zoo's front and thinning, the selector's boundaries, and the server end
-to end on loopback with a tiny zoo."""
+"""The zoo's front and thinning, the selector's boundaries and the runtime's plans
+(the server is in test_serve.py)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import socket
-import threading
-import time
 
-import numpy as np
 import pytest
 import torch
 
 from leancnn.errors import LeancnnError
 from leancnn.zoo import FrontModel, Selector, pareto_front, thin
-
-from .conftest import tiny_config
 
 
 def names(models: list[FrontModel]) -> list[str]:
@@ -61,22 +53,6 @@ def test_selector_at_every_boundary():
         Selector(models, policy="maybe")
 
 
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory):
-    """Two runs on 1x16x16 synthetic data (resnet20 at two widths) -> a zoo."""
-    from leancnn.experiment import train_run
-    from leancnn.zoo.build import build_zoo
-
-    root = tmp_path_factory.mktemp("zoo")
-    runs = []
-    for width in (0.25, 0.5):
-        config = tiny_config(root, width=width, out=str(root / f"runs/w{width}"))
-        train_run(config, progress=False)
-        runs.append(str(root / f"runs/w{width}"))
-    manifest = build_zoo(runs, root / "zoo", epsilon=0.0, runs=10, log=lambda _: None)
-    return root / "zoo", manifest
-
-
 def test_zoo_manifest_and_models(tiny_zoo):
     zoo, manifest = tiny_zoo
     assert manifest["input_shape"] == [1, 16, 16]
@@ -97,109 +73,6 @@ def test_zoo_build_rejects_what_is_not_a_run(tmp_path):
 
     with pytest.raises(LeancnnError, match="not a finished run"):
         build_zoo([str(tmp_path)], tmp_path / "zoo")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The real server (uvicorn) on a loopback port, in a thread."""
-    uvicorn = pytest.importorskip("uvicorn")
-    port = free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if instance.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_zoo):
-    pytest.importorskip("uvicorn")
-    from leancnn.serve.app import create_app
-
-    zoo, _ = tiny_zoo
-    with serving(create_app(zoo, threads=1, max_pending=8, max_bytes=4096)) as url:
-        yield url
-
-
-def png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_server_end_to_end(server, tiny_zoo):
-    httpx = pytest.importorskip("httpx")
-    _, manifest = tiny_zoo
-    image = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
-    good = png(image)
-    with httpx.Client(base_url=server, timeout=30) as client:
-        ok = client.post("/predict", content=good, headers={"content-type": "image/png", "x-deadline-ms": "1000"})
-        assert ok.status_code == 200, ok.text
-        answer = ok.json()
-        assert 0 <= answer["class"] < 4 and abs(sum(answer["probabilities"]) - 1) < 1e-4
-        assert answer["model"] == manifest["models"][-1]["name"]  # a generous deadline: the most accurate
-        assert answer["deadline_met"] and answer["time_ms"] > 0
-
-        npy = io.BytesIO()
-        np.save(npy, image)
-        for body, kind in ((npy.getvalue(), "application/x-npy"), (image.tobytes(), "application/octet-stream")):
-            response = client.post("/predict?deadline_ms=1000", content=body, headers={"content-type": kind})
-            assert response.status_code == 200 and response.json()["class"] == answer["class"], kind
-        import base64
-
-        as_json = client.post("/predict", json={"image": base64.b64encode(good).decode(), "deadline_ms": 1000})
-        assert as_json.status_code == 200 and as_json.json()["class"] == answer["class"]
-
-        # A deadline nothing can meet: the fastest model answers, marked missed.
-        tight = client.post("/predict", content=good, headers={"content-type": "image/png", "x-deadline-ms": "0.001"})
-        assert tight.status_code == 200
-        assert tight.json()["model"] == manifest["models"][0]["name"] and not tight.json()["deadline_met"]
-
-        rgb = np.zeros((16, 16, 3), dtype=np.uint8)
-        malformed = {
-            "not an image": (b"hello, not a png", "image/png", "100", 400),
-            "truncated": (good[: len(good) // 2], "image/png", "100", 400),
-            "wrong size": (png(np.zeros((20, 16), dtype=np.uint8)), "image/png", "100", 422),
-            "wrong channels": (png(rgb), "image/png", "100", 422),
-            "too large": (b"\x00" * 5000, "application/octet-stream", "100", 413),
-            "missing deadline": (good, "image/png", None, 400),
-            "negative deadline": (good, "image/png", "-5", 400),
-            "text deadline": (good, "image/png", "soon", 400),
-            "wrong content type": (good, "text/plain", "100", 415),
-            "raw wrong length": (b"\x00" * 100, "application/octet-stream", "100", 422),
-        }
-        for kind, (body, content_type, deadline, status) in malformed.items():
-            headers = {"content-type": content_type}
-            if deadline is not None:
-                headers["x-deadline-ms"] = deadline
-            response = client.post("/predict", content=body, headers=headers)
-            assert response.status_code == status, (kind, response.status_code, response.text)
-            reason = response.json()["error"]
-            assert reason and "\n" not in reason, kind
-        # Still serving after all that.
-        assert client.post("/predict", content=good,
-                           headers={"content-type": "image/png", "x-deadline-ms": "1000"}).status_code == 200
-        health = client.get("/health").json()
-        assert health["status"] == "ok" and health["models"] == [m["name"] for m in manifest["models"]]
-        metrics = client.get("/metrics").json()
-        assert metrics["answered"] == 6 and sum(metrics["rejected"].values()) == len(malformed)
-        assert metrics["deadline_missed"] >= 1 and sum(metrics["per_model"].values()) == 6
-        assert metrics["latency_ms"]["p50"] is not None
 
 
 def test_refuse_policy_answers_without_a_model(tiny_zoo):
@@ -277,47 +150,6 @@ def test_blocking_guard_on_a_hand_computed_load():
     assert sparse.late_fraction(50.0) == 0.0 and len(sparse.sorted) == 200
     with pytest.raises(ValueError):
         BlockingGuard(risk=0.0)
-
-
-def test_server_says_so_when_its_worker_dies(tiny_zoo):
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
-    from leancnn.serve.app import create_app
-
-    zoo, _ = tiny_zoo
-    app = create_app(zoo, threads=1)
-    good = png(np.zeros((16, 16), dtype=np.uint8))
-    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as client:
-        headers = {"content-type": "image/png", "x-deadline-ms": "1000"}
-        assert client.post("/predict", content=good, headers=headers).status_code == 200
-        app.state.worker.process.kill()
-        app.state.worker.process.join(10)
-        for _ in range(50):   # the event loop learns of it when the pipe closes
-            response = client.post("/predict", content=good, headers=headers)
-            if response.status_code == 500:
-                break
-            time.sleep(0.1)
-        assert response.status_code == 500 and "worker exited" in response.json()["error"]
-        assert client.get("/health").status_code == 500
-
-
-@pytest.mark.parametrize("options, message", [
-    (["--quantile", "2"], "--quantile must be median, pNN (p90, p99) or a fraction in (0, 1], got '2'"),
-    (["--quantile", "p200"], "--quantile must be median, pNN (p90, p99) or a fraction in (0, 1], got 'p200'"),
-    (["--blocking-risk", "1.5"], "--blocking-risk must be in [0, 1)"),
-    (["--inference-cpus", "999"], "--inference-cpus names CPU(s) [999] this process cannot use"),
-    (["--inference-cpus", "one"], "--inference-cpus must be CPU ids separated by commas"),
-])
-def test_serve_rejects_bad_options_in_one_line(tiny_zoo, options, message, capsys):
-    pytest.importorskip("uvicorn")
-    from leancnn.cli import main
-
-    zoo, _ = tiny_zoo
-    with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(main(["serve", str(zoo), *options]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_zoo_build_trains_a_generated_family(tmp_path, capsys):

@@ -38,6 +38,15 @@ def parse_deadline(value) -> float:
     return deadline
 
 
+def parse_label(value: str | None) -> int | None:
+    """X-Label: the request's true class, sent by load tests so the server can report effective accuracy."""
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise RequestError(400, f"X-Label must be a class index (an integer >= 0), got {value!r}")
+    return int(value)
+
+
 def decode_image(data: bytes, content_type: str, shape: tuple[int, int, int]) -> torch.Tensor:
     channels, height, width = shape
     if content_type in IMAGE_TYPES:

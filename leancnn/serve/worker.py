@@ -13,10 +13,21 @@ time.perf_counter (CLOCK_MONOTONIC, shared by both processes): the deadline
 counts from the request's arrival in the server, and the server sends with
 each request the time it measured for getting an answer back (pipe and event
 loop, a high quantile of recent ones), which the worker adds to its plan.
+
+Workers are forked from a fork server (a zygote, as Android and gunicorn's
+preload do it): a process that imported torch, loaded the zoo, planned and
+warmed its models once, and then only forks. A new worker is ready in tens of
+milliseconds instead of the ~6-10 s that importing torch, loading and planning
+take (the deploy plans alone were 3.9 s for three models here), so a killed
+worker is replaced within the 2 s a restart may take, without loading
+anything on the CPU the server's event loop needs. The fork server runs no
+torch op after it has started (one thread, no OpenMP team, nothing in flight),
+which is what makes forking it safe; its children share its weights' pages.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -25,19 +36,23 @@ import os
 import signal
 import struct
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..allocator import keep_freed_memory
 from ..measure.latency import quantile
-from ..zoo.runtime import Runtime
+from ..zoo.runtime import Runtime, has_expired
 
 # Tags of the messages (first byte).
-PREDICT, PING, QUIT = b"P", b"N", b"Q"
-STARTED, RESULT, PONG, FAILED = b"S", b"R", b"O", b"E"
+PREDICT, PING, FORK, QUIT = b"P", b"N", b"F", b"Q"
+STARTED, RESULT, EXPIRED, PONG, FORKED, FAILED = b"S", b"R", b"X", b"O", b"K", b"E"
 REQUEST_HEADER = struct.Struct("<Qddd")      # id, arrival (perf_counter s), deadline (ms), return overhead (ms)
 RESULT_HEADER = struct.Struct("<Qiidi?")     # id, model index (-1: refused), label, ready (perf_counter s), classes, fits
 RETURN_WINDOW = 200                          # recent answer hand-backs the overhead quantile covers
@@ -48,6 +63,10 @@ class WorkerGone(RuntimeError):
     """The worker process exited or failed a request."""
 
 
+class WorkerExited(WorkerGone):
+    """The worker process is gone (killed, crashed): the request may be retried on its successor."""
+
+
 @dataclass
 class Answer:
     model_index: int | None
@@ -55,26 +74,110 @@ class Answer:
     probabilities: list[float]
     fits: bool
     expected_ms: list[float]   # each model's expected time in the worker after this request
+    expired: bool = False      # past its deadline when the worker picked it up: no model ran
 
 
-def serve_forever(conn, zoo: str, policy: str, fixed: str | None, threads: int | None,
-                  plan_quantile: float | None, blocking_risk: float | None, cpus: list[int] | None) -> None:
-    """The worker process's main loop."""
+def pin_threads(cpus: list[int]) -> None:
+    """Move every thread of this process (torch's pool included) to `cpus`; sched_setaffinity(0)
+    alone moves only the calling thread."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:   # a thread that has just exited
+            pass
+
+
+def process_rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process now (Linux; 0 where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def expire_waiting(queue: deque[bytes], runtime: Runtime, conn) -> deque[bytes]:
+    """Answer every queued request already past its deadline (no model runs) and return the rest:
+    the plan's count of requests waiting behind the next one then leaves them out."""
+    now = time.perf_counter()
+    kept: deque[bytes] = deque()
+    for message in queue:
+        if message[:1] == PREDICT:
+            request_id, arrival, deadline_ms, _ = REQUEST_HEADER.unpack_from(message, 1)
+            if has_expired(arrival, deadline_ms, now):
+                runtime.expire(arrival, deadline_ms)
+                conn.send_bytes(EXPIRED + struct.pack("<Q", request_id))
+                continue
+        kept.append(message)
+    return kept
+
+
+def started_message(runtime: Runtime) -> bytes:
+    return STARTED + json.dumps({"names": runtime.names, "input_shape": list(runtime.input_shape),
+                                 "expected_ms": runtime.expected_ms()}).encode()
+
+
+def fork_server_main(control, zoo: str, policy: str, fixed: str | None, plan_quantile: float | None,
+                     blocking_risk: float | None, cpus: list[int] | None) -> None:
+    """The fork server's main loop: load the zoo once, then fork a worker for each FORK request.
+    It runs torch on one thread: forking after an OpenMP team has run can leave the child waiting
+    on threads it does not have; a worker that wants more threads starts its team after the fork."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server stops it with QUIT or by closing the pipe
     keep_freed_memory()   # each answer's activations reuse the last one's memory: no page faults
     try:
         if cpus:
             os.sched_setaffinity(0, cpus)
-        runtime = Runtime(zoo, policy=policy, fixed=fixed, threads=threads, plan_quantile=plan_quantile,
+        runtime = Runtime(zoo, policy=policy, fixed=fixed, threads=1, plan_quantile=plan_quantile,
                           blocking_risk=blocking_risk)
     except Exception as exc:  # noqa: BLE001 - reported to the server, which exits with it
-        conn.send_bytes(FAILED + f"{type(exc).__name__}: {exc}".encode())
+        control.send_bytes(FAILED + f"{type(exc).__name__}: {exc}".encode())
         return
-    channels, height, width = runtime.input_shape
-    conn.send_bytes(STARTED + json.dumps({"names": runtime.names, "input_shape": list(runtime.input_shape),
-                                          "expected_ms": runtime.expected_ms()}).encode())
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # its workers are reaped by the kernel when they exit
+    control.send_bytes(started_message(runtime))
     gc.collect()
     gc.freeze()   # the models' objects are never collected; keep the collector's passes short
+    while True:
+        try:
+            message = control.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if message[:1] != FORK:
+            return
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            ours.close()
+            request = json.loads(message[1:])
+            run_forked_worker(theirs, runtime, request["cpus"], request["threads"])
+        theirs.close()
+        control.send_bytes(FORKED + struct.pack("<q", pid))
+        reduction.send_handle(control, ours.fileno(), 0)   # the server's end of the worker's pipe
+        ours.close()
+
+
+def run_forked_worker(conn, runtime: Runtime, cpus: list[int], threads: int) -> None:
+    """In the forked child: onto the inference CPUs with its threads, the model times measured
+    there, then serve."""
+    code = 0
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if cpus:
+            pin_threads(cpus)
+        torch.set_num_threads(threads)
+        runtime.reseed()
+        conn.send_bytes(started_message(runtime))
+        serve_requests(conn, runtime)
+    except BaseException:  # noqa: BLE001 - a forked child must never return into the fork server's loop
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def serve_requests(conn, runtime: Runtime) -> None:
+    """A worker's loop: answer requests in arrival order until QUIT or the pipe closes."""
+    channels, height, width = runtime.input_shape
     queue: deque[bytes] = deque()
     while True:
         try:
@@ -84,6 +187,9 @@ def serve_forever(conn, zoo: str, policy: str, fixed: str | None, threads: int |
                 queue.append(conn.recv_bytes())
         except (EOFError, OSError):
             return
+        queue = expire_waiting(queue, runtime, conn)
+        if not queue:
+            continue
         message = queue.popleft()
         tag = message[:1]
         if tag == QUIT:
@@ -107,28 +213,89 @@ def serve_forever(conn, zoo: str, policy: str, fixed: str | None, threads: int |
                         + probabilities.tobytes() + np.asarray(runtime.expected_ms(), dtype=np.float32).tobytes())
 
 
-class InferenceWorker:
-    """The server's handle on the worker process: `await predict(...)` from the event loop."""
+def read_started(conn, timeout_s: float, what: str) -> dict:
+    """Wait for a process's STARTED message; WorkerGone with its reason otherwise."""
+    if not conn.poll(timeout_s):
+        raise WorkerGone(f"the {what} did not start within {timeout_s:.0f} s")
+    try:
+        message = conn.recv_bytes()
+    except (EOFError, OSError):
+        raise WorkerGone(f"the {what} exited while starting") from None
+    if message[:1] != STARTED:
+        raise WorkerGone(f"the {what} could not load the zoo: {message[1:].decode(errors='replace')}")
+    return json.loads(message[1:])
+
+
+class ForkServer:
+    """The server's handle on the fork server: `fork(cpus)` returns a started InferenceWorker."""
 
     def __init__(self, zoo: str, *, policy: str = "fastest", fixed: str | None = None, threads: int | None = None,
                  plan_quantile: float | None = None, blocking_risk: float | None = None,
                  cpus: list[int] | None = None, start_timeout_s: float = 300.0) -> None:
-        context = multiprocessing.get_context("spawn")   # no fork of a process with torch's threads
-        self.conn, child = context.Pipe(duplex=True)
-        self.process = context.Process(target=serve_forever, args=(child, str(zoo), policy, fixed, threads, plan_quantile, blocking_risk, cpus),
-                                       name="leancnn-infer", daemon=True)
+        """Starts the process and waits until it has loaded the zoo (blocking: seconds). `cpus`: where
+        it loads (the CPUs the event loop does not need most)."""
+        self.threads = threads or 1
+        context = multiprocessing.get_context("spawn")   # the fork server itself: a clean process
+        self.control, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=fork_server_main,
+                                       args=(child, str(zoo), policy, fixed, plan_quantile, blocking_risk, cpus),
+                                       name="leancnn-forkserver", daemon=True)
         self.process.start()
         child.close()
-        if not self.conn.poll(start_timeout_s):
-            self.process.kill()
-            raise WorkerGone(f"the inference worker did not start within {start_timeout_s:.0f} s")
         try:
-            message = self.conn.recv_bytes()
-        except EOFError:
-            raise WorkerGone("the inference worker exited while loading the zoo") from None
-        if message[:1] != STARTED:
-            raise WorkerGone(f"the inference worker could not load the zoo: {message[1:].decode()}")
-        info = json.loads(message[1:])
+            info = read_started(self.control, start_timeout_s, "fork server")
+        except WorkerGone:
+            self.process.kill()
+            raise
+        self.names: list[str] = info["names"]
+        self.input_shape: tuple[int, ...] = tuple(info["input_shape"])
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def rss_bytes(self) -> int:
+        return process_rss_bytes(self.pid)
+
+    def fork(self, cpus: list[int] | None, timeout_s: float = 60.0) -> InferenceWorker:
+        """A new worker on `cpus` (None: where the fork server is), started and warm (blocking: tens of ms)."""
+        try:
+            self.control.send_bytes(FORK + json.dumps({"cpus": cpus or [], "threads": self.threads}).encode())
+            if not self.control.poll(timeout_s):
+                raise WorkerGone(f"the fork server did not fork within {timeout_s:.0f} s")
+            message = self.control.recv_bytes()
+            (pid,) = struct.unpack_from("<q", message, 1)
+            handle = reduction.recv_handle(self.control)
+        except (EOFError, OSError) as error:
+            raise WorkerGone(f"the fork server is gone ({type(error).__name__})") from None
+        return InferenceWorker(Connection(handle), pid, timeout_s)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        try:
+            self.control.send_bytes(QUIT)
+        except OSError:
+            pass
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+        self.control.close()
+
+
+class InferenceWorker:
+    """The server's handle on one worker process (forked by a ForkServer): `await predict(...)` from the
+    event loop."""
+
+    def __init__(self, conn: Connection, pid: int, start_timeout_s: float = 60.0) -> None:
+        self.conn = conn
+        self.pid = pid
+        try:
+            info = read_started(conn, start_timeout_s, "inference worker")
+        except WorkerGone:
+            self.kill()
+            raise
         self.names: list[str] = info["names"]
         self.input_shape: tuple[int, ...] = tuple(info["input_shape"])
         self.expected_ms: list[float] = info["expected_ms"]
@@ -136,8 +303,17 @@ class InferenceWorker:
         self.pending: dict[int, asyncio.Future] = {}
         self.return_ms: deque[float] = deque(maxlen=RETURN_WINDOW)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_exit: Callable[[InferenceWorker], None] | None = None
         self.gone: str | None = None
+        self.expired = 0
         self.measure_return()
+
+    def rss_bytes(self) -> int:
+        return process_rss_bytes(self.pid)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def measure_return(self, repeats: int = 30) -> None:
         """Seed the hand-back overhead with round trips of an empty message (before the event loop runs)."""
@@ -150,8 +326,11 @@ class InferenceWorker:
     def overhead_ms(self) -> float:
         return quantile(self.return_ms, RETURN_QUANTILE) if self.return_ms else 0.0
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop,
+               on_exit: Callable[[InferenceWorker], None] | None = None) -> None:
+        """Answers are read on `loop`; `on_exit(self)` runs there once the process is found gone."""
         self.loop = loop
+        self.on_exit = on_exit
         loop.add_reader(self.conn.fileno(), self._readable)
 
     async def predict(self, image: np.ndarray, deadline_ms: float, arrival: float) -> Answer:
@@ -165,7 +344,7 @@ class InferenceWorker:
             self.conn.send_bytes(PREDICT + header + np.ascontiguousarray(image, dtype=np.float32).tobytes())
         except OSError:
             self._fail_all("the inference worker exited")
-            raise WorkerGone(self.gone) from None
+            raise WorkerExited(self.gone) from None
         return await future
 
     def _readable(self) -> None:
@@ -177,6 +356,13 @@ class InferenceWorker:
 
     def _dispatch(self, message: bytes) -> None:
         tag = message[:1]
+        if tag == EXPIRED:
+            (request_id,) = struct.unpack_from("<Q", message, 1)
+            self.expired += 1
+            future = self.pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(Answer(None, -1, [], False, self.expected_ms, expired=True))
+            return
         if tag == FAILED:
             (request_id,) = struct.unpack_from("<Q", message, 1)
             future = self.pending.pop(request_id, None)
@@ -198,19 +384,28 @@ class InferenceWorker:
         self.gone = reason
         if self.loop is not None:
             self.loop.remove_reader(self.conn.fileno())
+        self.fail_pending(WorkerExited(reason))
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    def fail_pending(self, error: Exception) -> None:
+        """Answer every request still with the worker with `error` (its death, or a shutdown's deadline)."""
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(WorkerGone(reason))
+                future.set_exception(error)
         self.pending.clear()
 
     def close(self, timeout_s: float = 5.0) -> None:
+        """QUIT after what it holds; killed if it has not exited (its pipe closed) within `timeout_s`."""
         if self.loop is not None and not self.gone:
+            self.gone = "closed"
             self.loop.remove_reader(self.conn.fileno())
         try:
             self.conn.send_bytes(QUIT)
-        except OSError:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.conn.poll(max(0.0, deadline - time.monotonic())):
+                self.conn.recv_bytes()   # answers nobody waits for any more, then EOF when it exits
+            self.kill()
+        except (EOFError, OSError):
             pass
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.kill()
         self.conn.close()

@@ -28,6 +28,13 @@ class Prediction:
     deadline_ms: float
     deadline_met: bool
     expected_to_fit: bool      # the selector's view when it chose
+    expired: bool = False      # the deadline had passed before a model could be chosen: none ran
+
+
+def has_expired(arrival: float, deadline_ms: float, now: float) -> bool:
+    """A request whose deadline passed before it was picked up (times in time.perf_counter() s):
+    answered at once without running a model, as a queue policy with a timeout does."""
+    return 1e3 * (now - arrival) >= deadline_ms
 
 
 class Runtime:
@@ -102,6 +109,13 @@ class Runtime:
                     int(torch.softmax(model(x), dim=1)[0].argmax())
                     self.observe(index, 1e3 * (time.perf_counter() - started))
 
+    def reseed(self) -> None:
+        """Forget the measured times and measure them again (a worker moved to other CPUs, or taking
+        over from one that died: its times from before describe another machine state)."""
+        for samples in self.samples:
+            samples.clear()
+        self.warm_up(runs=1)
+
     def observe(self, index: int, elapsed_ms: float) -> None:
         """One measured run of model `index` (decision to answer, ms)."""
         samples = self.samples[index]
@@ -125,14 +139,25 @@ class Runtime:
             return None, False
         return choice.index, self.selector.own_times[choice.index] <= time_left_ms
 
+    def expire(self, arrival: float, deadline_ms: float) -> Prediction:
+        """The answer to a request found past its deadline: no model runs; the arrival still counts
+        towards the rate the blocking guard sees."""
+        if self.guard is not None:
+            self.guard.record(arrival, deadline_ms)
+        spent = 1e3 * (time.perf_counter() - arrival)
+        return Prediction(-1, [], None, spent, deadline_ms, False, False, expired=True)
+
     def predict(self, image: torch.Tensor, deadline_ms: float, arrival: float | None = None,
                 waiting: int = 0) -> Prediction:
         """image: [C, H, W] in [0, 1]; the deadline counts from `arrival` (time.perf_counter()).
+        A request already past its deadline is answered expired, no model run.
         `waiting`: requests queued behind this one; each is left the fastest model's expected
         time, so one request does not spend the slack of those behind it (under load the
         choice falls towards the fastest model instead of letting the queue grow)."""
         decided = time.perf_counter()
         arrival = decided if arrival is None else arrival
+        if has_expired(arrival, deadline_ms, decided):
+            return self.expire(arrival, deadline_ms)
         if self.guard is not None:
             self.guard.record(arrival, deadline_ms)
         reserve = self.overhead_ms + waiting * (self.selector.times[0] + self.overhead_ms)
