@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from common import cpu_model, machine_line, publish
+from http_load import ConnectFailed, LoadClient, NoAnswer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = ["benchmarks/out/psconv", "benchmarks/out/cap", "bench/full"]
@@ -116,14 +117,13 @@ async def send_load(url: str, images, rate: float, count: int, deadlines: tuple[
     a memory sampler) and is cancelled when the load ends. (one record per request, the server's
     /metrics after, the seconds it took, /metrics before). A record: kind, status (0: no answer came: lost), label,
     answer, sent and done (perf_counter s), client_ms, retry_after (the header, on a 503)."""
-    import httpx
-
     rng = random.Random(seed)
     plan = [("valid", i % len(images)) for i in range(count)] + [("bad", i) for i in range(malformed)]
     rng.shuffle(plan)
     results: list[dict] = []
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    host, port = url.removeprefix("http://").split(":")
+    client = LoadClient(host, int(port), timeout_s)
+    try:
         async def one(kind: str, index: int) -> None:
             if kind == "valid":
                 body, label = images[index]
@@ -140,12 +140,12 @@ async def send_load(url: str, images, rate: float, count: int, deadlines: tuple[
             retry_after = None
             try:
                 response = await client.post("/predict", content=body, headers=headers)
-                status, answer = response.status_code, response.json()
+                status, answer = response.status, response.json()
                 retry_after = response.headers.get("retry-after")
-            except httpx.ConnectError as exc:   # never accepted (a server that has closed its socket)
-                status, answer = -1, {"error": repr(exc)}
-            except Exception as exc:  # accepted, or sent, and no answer: a lost request
-                status, answer = 0, {"error": repr(exc)}
+            except ConnectFailed as exc:   # never accepted (a server that has closed its socket)
+                status, answer = -1, {"error": str(exc)}
+            except NoAnswer as exc:        # sent, and no answer came: a lost request
+                status, answer = 0, {"error": str(exc)}
             done = time.perf_counter()
             results.append({"kind": kind, "status": status, "label": label, "answer": answer, "sent": sent,
                             "done": done, "client_ms": 1e3 * (done - sent), "retry_after": retry_after})
@@ -169,8 +169,10 @@ async def send_load(url: str, images, rate: float, count: int, deadlines: tuple[
                 await side
         try:
             metrics = (await client.get("/metrics")).json()
-        except Exception:   # the server is gone (a shutdown test)
+        except (ConnectFailed, NoAnswer):   # the server is gone (a shutdown test)
             metrics = {}
+    finally:
+        client.close()
     return results, metrics, elapsed, before
 
 
@@ -323,7 +325,7 @@ def main() -> None:
                f"{args.threads} inference thread(s) in its worker process"
                + (f" on CPU {ALL_CPUS[-1]}, event loop and clients on CPU {ALL_CPUS[:-1]}" if pinned else "")
                + f", plans at p{100 * args.quantile:g} of measured times, blocking risk {args.blocking_risk:g}; "
-               f"clients on loopback (httpx, asyncio), Poisson arrivals, "
+               f"clients on loopback (benchmarks/http_load.py, asyncio), Poisson arrivals, "
                f"{args.requests} valid requests per point, deadlines uniform in [{args.deadline_ms[0]:g}, "
                f"{args.deadline_ms[1]:g}] ms counted from the server's arrival, Fashion-MNIST test images as PNG.\n\n"
                + "\n".join(zoo_lines) + "\n\n" + "\n".join(lines) + "\n\n"

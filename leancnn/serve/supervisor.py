@@ -49,6 +49,7 @@ class Supervisor:
         self.active_since = time.monotonic()
         self.down_since: float | None = None if first is not None else time.monotonic()
         self.recoveries_s: list[float] = []   # each death -> a worker serving again
+        self.return_ms = None                 # the last worker's hand-back times, for its successor
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake: asyncio.Event | None = None
         self.keeper: asyncio.Task | None = None
@@ -98,7 +99,7 @@ class Supervisor:
                     self.fork_server = None
                     self.fork_server = await asyncio.to_thread(self.start_fork_server)
                     continue
-                worker = await asyncio.to_thread(self.fork_server.fork, self.inference_cpus)
+                worker = await asyncio.to_thread(self.fork_server.fork, self.inference_cpus, self.return_ms)
             except WorkerGone as error:
                 self.failures += 1
                 self.last_error = str(error)
@@ -119,6 +120,7 @@ class Supervisor:
             return
         self.restarts += 1
         self.last_error = worker.gone
+        self.return_ms = worker.return_ms
         quick = time.monotonic() - self.active_since < self.stable_s
         self.failures = self.failures + 1 if quick else 0
         self.active = None

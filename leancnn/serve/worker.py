@@ -260,8 +260,11 @@ class ForkServer:
     def rss_bytes(self) -> int:
         return process_rss_bytes(self.pid)
 
-    def fork(self, cpus: list[int] | None, timeout_s: float = 60.0) -> InferenceWorker:
-        """A new worker on `cpus` (None: where the fork server is), started and warm (blocking: tens of ms)."""
+    def fork(self, cpus: list[int] | None, return_ms: deque[float] | None = None,
+             timeout_s: float = 60.0) -> InferenceWorker:
+        """A new worker on `cpus` (None: where the fork server is), started and warm (blocking: tens of ms).
+        `return_ms`: the hand-back times its predecessor measured (they are the event loop's, not the
+        worker's); without them it measures its own with round trips."""
         try:
             self.control.send_bytes(FORK + json.dumps({"cpus": cpus or [], "threads": self.threads}).encode())
             if not self.control.poll(timeout_s):
@@ -271,7 +274,7 @@ class ForkServer:
             handle = reduction.recv_handle(self.control)
         except (EOFError, OSError) as error:
             raise WorkerGone(f"the fork server is gone ({type(error).__name__})") from None
-        return InferenceWorker(Connection(handle), pid, timeout_s)
+        return InferenceWorker(Connection(handle), pid, timeout_s, return_ms)
 
     def close(self, timeout_s: float = 2.0) -> None:
         try:
@@ -288,7 +291,8 @@ class InferenceWorker:
     """The server's handle on one worker process (forked by a ForkServer): `await predict(...)` from the
     event loop."""
 
-    def __init__(self, conn: Connection, pid: int, start_timeout_s: float = 60.0) -> None:
+    def __init__(self, conn: Connection, pid: int, start_timeout_s: float = 60.0,
+                 return_ms: deque[float] | None = None) -> None:
         self.conn = conn
         self.pid = pid
         try:
@@ -306,7 +310,12 @@ class InferenceWorker:
         self.on_exit: Callable[[InferenceWorker], None] | None = None
         self.gone: str | None = None
         self.expired = 0
-        self.measure_return()
+        if return_ms:
+            # Round trips from a thread while the event loop serves wait for the GIL at each step
+            # (0.5-1 s for 30 under load here): the predecessor's window is the same event loop's.
+            self.return_ms.extend(return_ms)
+        else:
+            self.measure_return()
 
     def rss_bytes(self) -> int:
         return process_rss_bytes(self.pid)
