@@ -218,6 +218,9 @@ def test_backoff_doubles_up_to_its_cap():
 class FakeWorker:
     names, input_shape, expected_ms, gone = ["a", "b"], (1, 16, 16), [1.0, 2.0], "killed"
 
+    def __init__(self) -> None:
+        self.return_ms = deque([0.1, 0.2])
+
 
 def test_supervisor_counts_quick_deaths_and_waits_for_a_fork():
     import asyncio
@@ -230,6 +233,7 @@ def test_supervisor_counts_quick_deaths_and_waits_for_a_fork():
     assert supervisor.active is None and supervisor.status == "restarting" and supervisor.expected_ms() == []
     assert supervisor.restarts == 1 and supervisor.failures == 1 and supervisor.wake.is_set()
     assert supervisor.down_since is not None and supervisor.last_error == "killed"
+    assert supervisor.return_ms is first.return_ms   # the successor's hand-back times start from these
     second = FakeWorker()
     supervisor.active, supervisor.active_since = second, time.monotonic() - 10.0   # it served 10 s
     supervisor._exited(FakeWorker())                # not the serving worker: nothing changes
