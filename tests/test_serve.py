@@ -392,3 +392,23 @@ def test_token_file_and_loopback_rules(tmp_path, monkeypatch):
     assert read_token(None) is None
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost", "0.0.0.0", "10.1.2.3", "::",
                                      "example.com")] == [True, True, True, True, False, False, False, False]
+
+
+def test_serving_beyond_loopback_without_a_token_warns(tiny_zoo, monkeypatch, capsys):
+    import leancnn.commands.serve as serve_command
+    from leancnn.cli import main
+    from leancnn.errors import LeancnnError
+
+    def stop_before_serving(*args, **kwargs):
+        raise LeancnnError("stopped before serving")
+
+    monkeypatch.setattr(serve_command, "create_app", stop_before_serving)
+    monkeypatch.delenv(serve_command.TOKEN_VARIABLE, raising=False)
+    zoo, _ = tiny_zoo
+    assert main(["serve", str(zoo), "--host", "0.0.0.0"]) == 2
+    assert "warning: serving on 0.0.0.0 without a token" in capsys.readouterr().err
+    assert main(["serve", str(zoo), "--host", "127.0.0.1"]) == 2
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setenv(serve_command.TOKEN_VARIABLE, "t")
+    assert main(["serve", str(zoo), "--host", "0.0.0.0"]) == 2
+    assert "warning" not in capsys.readouterr().err

@@ -61,13 +61,13 @@ class Metrics:
 
     def record(self, prediction: Prediction, label: int | None) -> None:
         self.answered += 1
-        self.latencies.append(prediction.time_ms)
         if prediction.expired:
             self.expired += 1
         elif prediction.model is None:
             self.refused += 1
-        else:
+        else:   # the latency quantiles are of answers a model gave (no instant refusals in them)
             self.per_model[prediction.model] += 1
+            self.latencies.append(prediction.time_ms)
         if prediction.deadline_met:
             self.deadline_met += 1
         else:

@@ -309,7 +309,6 @@ class InferenceWorker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_exit: Callable[[InferenceWorker], None] | None = None
         self.gone: str | None = None
-        self.expired = 0
         if return_ms:
             # Round trips from a thread while the event loop serves wait for the GIL at each step
             # (0.5-1 s for 30 under load here): the predecessor's window is the same event loop's.
@@ -367,7 +366,6 @@ class InferenceWorker:
         tag = message[:1]
         if tag == EXPIRED:
             (request_id,) = struct.unpack_from("<Q", message, 1)
-            self.expired += 1
             future = self.pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_result(Answer(None, -1, [], False, self.expected_ms, expired=True))
