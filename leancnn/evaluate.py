@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data import ImageDataset, load_dataset
-from .measure import parse_attack, robust_accuracy
+from .measure import parse_attack, robust_accuracies
 from .runs import RunResult, load_run, read_result, save_result
 from .train import EvalResult, evaluate
 
@@ -41,7 +41,7 @@ def evaluate_run(run_dir: Path, attack_specs: list[str], *, test_subset: int | N
     clean = evaluate(model, images, labels, batch_size=batch_size)
     robust = dict(result.robust or {})
     for attack in attacks:
-        robust[attack.name] = robust_accuracy(model, images, labels, attack, batch_size=batch_size, progress=progress)
+        robust.update(robust_accuracies(model, images, labels, attack, batch_size=batch_size, progress=progress))
     if attacks:
         result.robust = robust
         result.extra.setdefault("robust_settings", {}).update({a.name: a.spec for a in attacks})

@@ -71,7 +71,7 @@ def test_attack_restores_training_mode(model_and_data):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("cw", "unknown attack 'cw'; choose one of: fgsm, pgd"),
+    ("cw", "unknown attack 'cw'; choose one of: apgd, apgd-t, autoattack, fgsm, pgd, square"),
     ("pgd:eps=-0.1", "eps must be >= 0"),
     ("pgd:steps=0", "steps must be >= 1"),
     ("pgd:norm=l7", "'l7' is not one of linf, l2"),

@@ -19,8 +19,11 @@ class Eval(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("run", help="run directory")
         parser.add_argument("--attack", action="append", default=[],
-                            help="attack spec, repeatable: fgsm:eps=0.1 or "
-                                 "pgd:eps=0.1,steps=20,step=0.025,random_start=false,norm=linf")
+                            help="attack spec, repeatable: fgsm:eps=0.1, "
+                                 "pgd:eps=0.1,steps=20,step=0.025,random_start=false,norm=linf, "
+                                 "apgd:loss=ce|dlr,steps=100,restarts=1, apgd-t:targets=9, square:queries=5000, or "
+                                 "autoattack:eps=0.1 (APGD-CE, APGD-T and Square in turn, the worst case per image; "
+                                 "each component's figure is reported too)")
         parser.add_argument("--test-subset", type=int, default=None, help="evaluate on this many test images")
         parser.add_argument("--data-dir", default=None, help="dataset folder, if not the run's")
         parser.add_argument("--batch-size", type=int, default=250)
@@ -38,5 +41,6 @@ class Eval(Command):
         else:
             print(f"{run_dir}: clean accuracy {100 * clean.top1:.2f}% on {clean.count} test images")
             for name, value in robust.items():
-                print(f"  under {settings.get(name, name)}: {100 * value:.2f}%")
+                print(f"  under {settings.get(name, name)}: {100 * value:.2f}%"
+                      + (" (worst case per image)" if f"{name}/" in " ".join(robust) else ""))
         return 0

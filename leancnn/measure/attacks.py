@@ -129,7 +129,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: P
 @dataclass
 class Attack:
     name: str
-    options: FGSMOptions | PGDOptions   # the registered attack's own options class
+    options: object   # the registered attack's own options class (FGSMOptions, PGDOptions, APGDOptions, ...)
 
     @property
     def spec(self) -> str:
