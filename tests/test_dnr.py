@@ -87,7 +87,7 @@ def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
     ("dnr:density=0", "density must be in \\(0, 1\\]"),
     ("dnr:density=1.5", "density must be in \\(0, 1\\]"),
     ("dnr:beta=2", "beta must be in \\[0, 1\\]"),
-    ("dnr:attack=cw", "unknown attack 'cw'; choose one of: none, fgsm, pgd"),
+    ("dnr:attack=cw", "unknown attack 'cw'; choose one of: none, apgd, apgd-t, autoattack, fgsm, pgd, square"),
     ("dnr:mode=channel,multiple=0", "multiple must be a whole number >= 1"),
     ("dnr:multiple=8", "multiple applies to mode=channel only"),
 ])

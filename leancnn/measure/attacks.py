@@ -7,6 +7,7 @@ statistics.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -67,9 +68,17 @@ ATTACKS: Registry[AttackKind] = Registry("attack")
 
 
 def register_attack(name: str, options: type) -> Callable:
+    """Register `run`; with a zero budget it is not called and the images come back as they are."""
     def decorator(run: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        ATTACKS.register(name)(AttackKind(options, run))
-        return run
+        @functools.wraps(run)
+        def attack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+            if not options.eps:
+                return images.clone()
+            return run(model, images, labels, options, generator)
+
+        ATTACKS.register(name)(AttackKind(options, attack))
+        return attack
 
     return decorator
 
@@ -100,9 +109,7 @@ def _input_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 @register_attack("fgsm", FGSMOptions)
 def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: FGSMOptions,
          generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = float(options.eps or 0.0)
-    if eps == 0:
-        return images.clone()
+    eps = float(options.eps)
     step = _normalise_grad(_input_gradient(model, images, labels), options.norm) * eps
     return (images + step).clamp(0, 1).detach()
 
@@ -110,9 +117,7 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: 
 @register_attack("pgd", PGDOptions)
 def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: PGDOptions,
         generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = float(options.eps or 0.0)
-    if eps == 0:
-        return images.clone()
+    eps = float(options.eps)
     step = options.step if options.step is not None else eps / 4
     delta = torch.zeros_like(images)
     if options.random_start:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .attacks import ATTACKS, _check_eps, _project, register_attack
+from .attacks import ATTACKS, _check_eps, _normalise_grad, _project, register_attack
 
 MOMENTUM = 0.75     # APGD's weight of the new step against the last one
 RHO = 0.75          # a checkpoint halves the step when the loss rose in fewer than this share of steps
@@ -123,12 +123,6 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return points
 
 
-def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return grad.sign()
-    return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
-
-
 def _in_ball(images: torch.Tensor, point: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return (images + _project(point - images, eps, norm)).clamp(0, 1)
 
@@ -174,7 +168,7 @@ def apgd_run(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: 
     halved_at_check = torch.zeros(n, dtype=torch.bool, device=images.device)
     checkpoints, since = set(apgd_checkpoints(steps)), 0
     for iteration in range(1, steps + 1):
-        z = _in_ball(images, x + step.view(view) * _direction(grad, norm), eps, norm)
+        z = _in_ball(images, x + step.view(view) * _normalise_grad(grad, norm), eps, norm)
         weight = MOMENTUM if iteration > 1 else 1.0
         x, previous = _in_ball(images, x + weight * (z - x) + (1 - weight) * (x - previous), eps, norm), x
         logits, values, grad = _loss_and_grad(model, x, labels, loss, targets)
@@ -218,9 +212,7 @@ def _attack_remaining(model, images, labels, restarts: int, run) -> torch.Tensor
 @register_attack("apgd", APGDOptions)
 def apgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: APGDOptions,
          generator: torch.Generator | None = None) -> torch.Tensor:
-    eps = float(options.eps or 0.0)
-    if eps == 0:
-        return images.clone()
+    eps = float(options.eps)
     return _attack_remaining(model, images, labels, options.restarts, lambda x, y, _: apgd_run(
         model, x, y, eps, options.steps, options.norm, options.loss, generator=generator))
 
@@ -230,9 +222,7 @@ def apgd_targeted(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Targeted DLR towards each of the `targets` classes the clean image scores highest after its
     own (the k-th most likely class, k = 2 .. targets + 1)."""
-    eps = float(options.eps or 0.0)
-    if eps == 0:
-        return images.clone()
+    eps = float(options.eps)
     with torch.no_grad():
         ranked = model(images).argsort(dim=1, descending=True)
     classes = ranked.shape[1]
@@ -266,9 +256,7 @@ def square(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Linf Square Attack with the margin loss: random +-eps vertical stripes, then at each query a
     random square of random +-eps per channel, kept where it lowers the margin."""
-    eps = float(options.eps or 0.0)
-    if eps == 0:
-        return images.clone()
+    eps = float(options.eps)
 
     def signs(*shape: int) -> torch.Tensor:
         return (torch.randint(0, 2, shape, generator=generator).to(images) * 2 - 1) * eps
