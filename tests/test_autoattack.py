@@ -4,6 +4,7 @@ losses and schedules, cross-checks against an independent implementation
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -129,8 +130,9 @@ def accuracy_on_mask(model, images, labels) -> torch.Tensor:
         return model(images).argmax(1) == labels
 
 
-def test_eval_reports_each_attack_and_the_worst_case(trained_fmnist, capsys):
-    run = str(trained_fmnist.run_dir)
+def test_eval_reports_each_attack_and_the_worst_case(trained_fmnist, tmp_path, capsys):
+    # A copy: eval records its figures in the run's result.json, which other tests read.
+    run = str(shutil.copytree(trained_fmnist.run_dir, tmp_path / "run"))
     assert main(["eval", run, "--attack", f"autoattack:eps={EPS},steps=5,targets=2,queries=50", "--test-subset",
                  "100", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
