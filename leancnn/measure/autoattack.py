@@ -198,48 +198,53 @@ def _still_correct(model: nn.Module, points: torch.Tensor, labels: torch.Tensor)
         return model(points).argmax(1) == labels
 
 
-def _attack_remaining(model, images, labels, restarts: int, run) -> torch.Tensor:
-    """Run `run(images, labels)` `restarts` times, each on the images no earlier run has fooled."""
+def attack_in_turn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   runs: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each `run(images, labels, index)` attacks the images every earlier run left correctly
+    classified (`index`: their positions in `images`), as APGD's restarts, APGD-T's target classes
+    and AutoAttack's components do: (the adversarial images, and after each run which are still right)."""
     adversarial = images.clone()
-    for _ in range(restarts):
-        remaining = _still_correct(model, adversarial, labels).nonzero()[:, 0]
-        if len(remaining) == 0:
-            break
-        adversarial[remaining] = run(images[remaining], labels[remaining], remaining)
-    return adversarial
+    right = _still_correct(model, images, labels)
+    after = []
+    for run in runs:
+        remaining = right.nonzero()[:, 0]
+        if len(remaining):
+            adversarial[remaining] = run(images[remaining], labels[remaining], remaining)
+            right[remaining] = _still_correct(model, adversarial[remaining], labels[remaining])
+        after.append(right.clone())
+    return adversarial, after
 
 
 @register_attack("apgd", APGDOptions)
 def apgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: APGDOptions,
          generator: torch.Generator | None = None) -> torch.Tensor:
     eps = float(options.eps)
-    return _attack_remaining(model, images, labels, options.restarts, lambda x, y, _: apgd_run(
-        model, x, y, eps, options.steps, options.norm, options.loss, generator=generator))
+
+    def run(x, y, _):
+        return apgd_run(model, x, y, eps, options.steps, options.norm, options.loss, generator=generator)
+
+    return attack_in_turn(model, images, labels, [run] * options.restarts)[0]
 
 
 @register_attack("apgd-t", APGDTargetedOptions)
 def apgd_targeted(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, options: APGDTargetedOptions,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Targeted DLR towards each of the `targets` classes the clean image scores highest after its
-    own (the k-th most likely class, k = 2 .. targets + 1)."""
+    own (the k-th most likely class, k = 2 .. targets + 1), `restarts` runs each."""
     eps = float(options.eps)
     with torch.no_grad():
         ranked = model(images).argsort(dim=1, descending=True)
     classes = ranked.shape[1]
     if classes < 4:
         raise ConfigError(f"attack 'apgd-t' needs at least 4 classes (its DLR loss uses the 4th logit), got {classes}")
-    adversarial = images.clone()
-    for rank in range(1, min(options.targets, classes - 1) + 1):
-        remaining = _still_correct(model, adversarial, labels).nonzero()[:, 0]
-        if len(remaining) == 0:
-            break
-        target = ranked[remaining, rank]
 
-        def run(x, y, sub, target=target):
-            return apgd_run(model, x, y, eps, options.steps, options.norm, "dlr", target[sub], generator)
+    def toward(rank: int):
+        def run(x, y, index):
+            return apgd_run(model, x, y, eps, options.steps, options.norm, "dlr", ranked[index, rank], generator)
+        return run
 
-        adversarial[remaining] = _attack_remaining(model, images[remaining], labels[remaining], options.restarts, run)
-    return adversarial
+    runs = [toward(rank) for rank in range(1, min(options.targets, classes - 1) + 1) for _ in range(options.restarts)]
+    return attack_in_turn(model, images, labels, runs)[0]
 
 
 # -- Square ----------------------------------------------------------------------------------------
@@ -301,16 +306,9 @@ def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, opt
 def worst_case(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                components: list[tuple[str, str, object]],
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Each component (label, registered attack name, its options) attacks the images the earlier ones left
-    correct: (the adversarial images, and after each component which images are still right)."""
-    adversarial = images.clone()
-    right = _still_correct(model, images, labels)
-    after = []
-    for _, name, component in components:
-        remaining = right.nonzero()[:, 0]
-        if len(remaining):
-            adversarial[remaining] = ATTACKS.get(name).run(model, images[remaining], labels[remaining], component,
-                                                           generator)
-            right[remaining] = _still_correct(model, adversarial[remaining], labels[remaining])
-        after.append(right.clone())
-    return adversarial, after
+    """Each component (label, registered attack name, its options) attacks the images the earlier ones
+    left correct: (the adversarial images, and after each component which images are still right)."""
+    def component_run(name: str, options):
+        return lambda x, y, _: ATTACKS.get(name).run(model, x, y, options, generator)
+
+    return attack_in_turn(model, images, labels, [component_run(name, options) for _, name, options in components])

@@ -206,6 +206,9 @@ def serve_requests(conn, runtime: Runtime) -> None:
         except Exception as exc:  # noqa: BLE001 - one failed request must not stop the worker
             conn.send_bytes(FAILED + struct.pack("<Q", request_id) + f"{type(exc).__name__}: {exc}".encode())
             continue
+        if prediction.expired:   # expired between the queue's sweep and the decision
+            conn.send_bytes(EXPIRED + struct.pack("<Q", request_id))
+            continue
         index = -1 if prediction.model is None else runtime.names.index(prediction.model)
         probabilities = np.asarray(prediction.probabilities, dtype=np.float32)
         conn.send_bytes(RESULT + RESULT_HEADER.pack(request_id, index, prediction.label, time.perf_counter(),
