@@ -17,7 +17,11 @@ from torch.utils.cpp_extension import load
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from leancnn.kernels import cache_root, psconv_extension  # noqa: E402
+from leancnn.evaluate import run_test_split  # noqa: E402
+from leancnn.measure.attacks import parse_attack  # noqa: E402
 from leancnn.measure.latency import cpu_model, fastest_format_latency  # noqa: E402
+from leancnn.measure.robustness import robust_accuracies  # noqa: E402
+from leancnn.runs import load_run, read_result  # noqa: E402
 
 
 # (C_in, C_out, input size, stride): every distinct 3x3 layer of resnet18 at 32x32.
@@ -163,3 +167,27 @@ def fma_peak_gflops(isa: str, threads: int, seconds: float = 0.5) -> float:
     module = load(name="leancnn_fma_peak", sources=[str(source)], build_directory=str(build),
                   extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
     return module.peak_gflops(isa, threads, seconds)
+
+
+def worst_case_figures(run_dir: Path, eps: float, images: int, *, steps: int = 50, targets: int = 3,
+                       queries: int = 1000, log_to=print) -> dict[str, float]:
+    """PGD-10 and AutoAttack (and each of its components) on the same `images` test images of a
+    run, at Linf `eps`: {"pgd": , "autoattack": , "autoattack/apgd-ce": , ...}. Cached in the run's
+    worst_case.json under the settings, because AutoAttack on a CPU takes minutes per model."""
+    specs = [f"pgd:eps={eps},steps=10", f"autoattack:eps={eps},steps={steps},targets={targets},queries={queries}"]
+    key = f"{images} images: " + " + ".join(specs)
+    cache_path = Path(run_dir) / "worst_case.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if key in cache:
+        return cache[key]
+    model, _ = load_run(run_dir)
+    dataset = run_test_split(Path(run_dir), read_result(run_dir), None, images)
+    figures: dict[str, float] = {}
+    for spec in specs:
+        started = time.perf_counter()
+        figures.update(robust_accuracies(model, dataset.test_images, dataset.test_labels, parse_attack(spec),
+                                         progress=False))
+        log_to(f"    {spec}: {time.perf_counter() - started:.0f} s")
+    cache[key] = figures
+    write_json(cache_path, cache)
+    return figures

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import best_latency_ms, log, machine_line, pin_threads, publish
+from common import best_latency_ms, log, machine_line, pin_threads, publish, worst_case_figures
 
 from leancnn.evaluate import attack_run
 from leancnn.compress import compress_run
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--eval-steps", type=int, default=10, help="PGD iterations at evaluation")
     parser.add_argument("--attack-subset", type=int, default=2000,
                         help="test images attacked (the first N of the test set; clean accuracy uses all 10k)")
+    parser.add_argument("--worst-case-images", type=int, default=500,
+                        help="test images PGD-10 and AutoAttack are both run on for the worst-case columns "
+                             "(AutoAttack: 50 APGD steps, 3 APGD-T targets, 1000 Square queries); 0 = skip")
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
@@ -123,6 +126,9 @@ def main() -> None:
             "test_acc", "params_total", "params_nonzero", "macs_dense", "macs_effective", "storage_bytes",
             "train_seconds")}, "fgsm": result["robust"]["fgsm"], "pgd": result["robust"]["pgd"],
                      "finetune_epochs": result.get("compress", {}).get("finetune_epochs")})
+        if args.worst_case_images:
+            log(f"worst case of {label} on {args.worst_case_images} images ...")
+            rows[-1]["worst_case"] = worst_case_figures(run_dir, args.eps, args.worst_case_images, log_to=log)
     pin_threads(args.latency_threads)
     # Rounds taking turns between the models, the median per model: on this VM one measurement of a
     # 10 ms model moved by 20% from one minute to the next, which a single pass per model turns into
@@ -137,12 +143,19 @@ def main() -> None:
     for row, times in zip(rows, samples):
         row["latency_b64"] = statistics.median(times)
     dense = rows[0]
-    lines = ["| model | clean | FGSM | PGD-%d | params non-zero | MACs effective | storage (with index) | "
-             "training (s) | latency b64 (ms) | speed-up b64 |" % args.eval_steps,
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    worst = bool(args.worst_case_images)
+    lines = ["| model | clean | FGSM | PGD-%d |%s params non-zero | MACs effective | storage (with index) | "
+             "training (s) | latency b64 (ms) | speed-up b64 |" % (
+                 args.eval_steps, " PGD-10 / worst case (gap) |" if worst else ""),
+             "| --- | ---: | ---: | ---: |%s ---: | ---: | ---: | ---: | ---: | ---: |" % (" ---: |" if worst else "")]
     for r in rows:
         training = f"{r['train_seconds']:.0f}" + (f" + {r['finetune_epochs']} ep. fine-tune" if r["finetune_epochs"] else "")
-        lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {100 * r['fgsm']:.2f}% | {100 * r['pgd']:.2f}% | "
+        gap = ""
+        if worst:
+            w = r["worst_case"]
+            gap = (f" {100 * w['pgd']:.1f}% / {100 * w['autoattack']:.1f}% "
+                   f"({100 * (w['autoattack'] - w['pgd']):+.1f}) |")
+        lines.append(f"| {r['label']} | {100 * r['test_acc']:.2f}% | {100 * r['fgsm']:.2f}% | {100 * r['pgd']:.2f}% |{gap} "
                      f"{r['params_nonzero'] / 1e3:.1f} k | {r['macs_effective'] / 1e6:.2f} M | "
                      f"{r['storage_bytes'] / 2**10:.0f} KiB | {training} | {r['latency_b64']:.1f} | "
                      f"{dense['latency_b64'] / r['latency_b64']:.2f}x |")
@@ -154,6 +167,9 @@ def main() -> None:
                f"{args.seed}; every run trains on beta = 0.5 clean + 0.5 PGD-{args.train_steps} (eps {args.eps}) "
                f"loss. Clean accuracy on the full 10k test set; FGSM and PGD-{args.eval_steps} at eps {args.eps} on "
                f"{args.attack_subset} test images. "
+               + (f"Worst case: PGD-10 and AutoAttack (APGD-CE, APGD-T, Square: 50 APGD steps, 3 APGD-T targets, "
+                  f"1000 Square queries; the worst case per image) on the same {args.worst_case_images} test "
+                  f"images; the gap is worst case minus PGD-10, in points. " if worst else "") +
                f"Latency: batch 64, {args.latency_threads} thread(s), deployed (batch norm folded, pruned layers on "
                f"their measured plans: the sparse kernel where it is faster), the faster memory format, "
                f"median of 20 runs, then the median of {args.latency_rounds} rounds taking turns between the models. "

@@ -16,6 +16,7 @@ from ..spec import build_options, format_spec, split_spec
 
 class EpochState(Protocol):
     epoch: int  # the epoch being trained, from 0
+    step: int   # optimizer steps completed
 
 
 class TrainingContext(Protocol):
@@ -27,6 +28,7 @@ class TrainingContext(Protocol):
     config: TrainConfig
     dataset: ImageDataset
     state: EpochState
+    total_steps: int   # optimizer steps of the whole run
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -35,6 +35,9 @@ run reloads. `multiple=8` keeps each layer's channel count a multiple of 8
 in vectors of 8 or 16 floats, and odd widths (11, 45, 90 of 16, 64, 128) ran
 at half the FLOP rate of the dense model on this project's machine.
 
+The loss and attack are leancnn.methods.adversarial's (shared with magprune,
+RSR and SAT); schedule=prob|hessian ramps the budget with SAT's curriculum.
+
 density=1 in weight mode adds no masks: plain dense adversarial training with
 the same loss and attack (the baseline the DNR figures compare with).
 """
@@ -48,8 +51,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure.attacks import ATTACKS, Attack, PGDOptions
-from .base import Method, register_method
+from .adversarial import AdversarialLoss, AdversarialMethod, check_adversarial_options, schedule_settings
+from .base import register_method
 from .selection import stem_conv
 from .channels import channel_groups, keep_channels, shrink_to_widths
 from .l1prune import parse_widths
@@ -73,6 +76,7 @@ class DNROptions:
     widths: str = ""               # set after channel-mode training: the thinner model's shape
     multiple: int = 1              # channel mode: each layer keeps a multiple of this many channels
     eval_images: int = 1000        # test images a finished adversarial run is attacked on (FGSM, PGD-10); 0 = none
+    schedule: str = "constant"     # the attack's budget: constant, or SAT's curriculum (prob, hessian)
 
 
 def aligned_keep(channels: int, density: float, multiple: int) -> int:
@@ -117,7 +121,7 @@ def distribute(total: int, shares: list[float], capacity: list[int]) -> list[int
 
 
 @register_method
-class DNR(Method):
+class DNR(AdversarialMethod):
     """Dynamic network rewiring with a hybrid clean/adversarial loss."""
 
     name = "dnr"
@@ -126,14 +130,6 @@ class DNR(Method):
                   "dnr:density=0.5,mode=channel,attack=none"]
     # The first (sparse training alone) is what --quick runs; the second trains against PGD (about 8x the cost).
     bench_specs = ["dnr:density=0.05,attack=none", "dnr:density=0.05"]
-
-    def robust_attacks(self, dataset) -> tuple[list[str], int]:
-        """A run trained against an attack is measured under FGSM and PGD-10 at its own eps, so that
-        its run directory says what the robustness cost or bought."""
-        if self.options.attack == "none" or self.options.beta >= 1 or self.options.eval_images <= 0:
-            return [], 0
-        eps = self.options.eps if self.options.eps is not None else dataset.attack_eps
-        return [f"fgsm:eps={eps}", f"pgd:eps={eps},steps=10"], self.options.eval_images
 
     def check_training(self, config) -> None:
         if config.momentum <= 0 and (self.options.prune_fraction > 0 or self.options.mode == "channel"):
@@ -145,12 +141,7 @@ class DNR(Method):
         o = self.options
         if not 0 < o.density <= 1:
             raise ConfigError(f"method 'dnr': density must be in (0, 1], got {o.density}")
-        if not 0 <= o.beta <= 1:
-            raise ConfigError(f"method 'dnr': beta must be in [0, 1], got {o.beta}")
-        if o.attack != "none" and o.attack not in ATTACKS:
-            raise ConfigError(f"method 'dnr': unknown attack {o.attack!r}; choose one of: none, {', '.join(ATTACKS.names())}")
-        if o.eps is not None and o.eps < 0:
-            raise ConfigError(f"method 'dnr': eps must be >= 0, got {o.eps}")
+        check_adversarial_options(f"method {self.name!r}", o.beta, o.attack, o.eps, o.steps, o.schedule)
         if not 0 <= o.prune_fraction < 1:
             raise ConfigError(f"method 'dnr': prune_fraction must be in [0, 1), got {o.prune_fraction}")
         if o.mode not in MODES:
@@ -161,7 +152,7 @@ class DNR(Method):
             raise ConfigError(f"method 'dnr': multiple must be a whole number >= 1, got {o.multiple}")
         if o.multiple != 1 and o.mode != "channel":
             raise ConfigError("method 'dnr': multiple applies to mode=channel only")
-        self.attack: Attack | None = None
+        self.adversarial = AdversarialLoss(o.beta, o.attack, o.eps, o.steps, o.seed, schedule_settings(o.schedule))
 
     # -- architecture: a mask buffer per prunable layer (saved with the weights) ----
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -184,26 +175,6 @@ class DNR(Method):
         return masked_layers(model, MASK)
 
     # -- training ------------------------------------------------------------
-    def before_training(self, trainer) -> None:
-        if self.options.attack != "none" and self.options.beta < 1:
-            eps = self.options.eps if self.options.eps is not None else trainer.dataset.attack_eps
-            options = PGDOptions(eps=eps, steps=self.options.steps) if self.options.attack == "pgd" else \
-                ATTACKS.get(self.options.attack).Options(eps=eps)
-            self.attack = Attack(self.options.attack, options)
-        self.generator_epoch = -1
-
-    def loss(self, trainer, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        if self.attack is None:
-            return None
-        if self.generator_epoch != trainer.state.epoch:
-            # PGD's random starts are seeded by (seed, epoch): a resumed run draws the same ones.
-            self.generator = torch.Generator().manual_seed(self.options.seed * 1009 + trainer.state.epoch)
-            self.generator_epoch = trainer.state.epoch
-        adversarial = self.attack(trainer.model, images, labels, self.generator)
-        clean_loss = trainer.loss_fn(trainer.model(images), labels)
-        adversarial_loss = trainer.loss_fn(trainer.model(adversarial), labels)
-        return self.options.beta * clean_loss + (1 - self.options.beta) * adversarial_loss
-
     @torch.no_grad()
     def after_step(self, trainer) -> None:
         apply_masks(trainer.model, MASK)
@@ -221,11 +192,11 @@ class DNR(Method):
                 self.rewire_channels(blocks, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs),
                                      epoch)
             return {"dnr_density": {name: round(float(getattr(b, CHANNEL_MASK).float().mean()), 6)
-                                    for name, b in blocks}}
+                                    for name, b in blocks}, **self.adversarial.figures()}
         layers = self.layers(trainer.model)
         if epoch + 1 < trainer.config.epochs:  # the last epoch ends with the trained mask, no rewiring
             self.rewire(layers, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs))
-        return {"dnr_density": densities(trainer.model, MASK)}
+        return {"dnr_density": densities(trainer.model, MASK), **self.adversarial.figures()}
 
     @torch.no_grad()
     def rewire(self, layers: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer, fraction: float) -> None:
