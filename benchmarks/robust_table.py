@@ -83,7 +83,7 @@ def main() -> None:
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)
     if not args.quick:
-        publish("robust_table", block, rows, "docs/robustness.md")
+        publish("robust_table", block, rows, "docs/methods/robust_training.md")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 noise, lasso and saved zeros, APGD's iterates by hand, and bad options."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -134,17 +135,45 @@ def test_rsr_prunes_to_exact_zeros_in_the_saved_model_and_learns_its_noise(tmp_p
 def test_rsr_noise_is_injected_in_training_only_unless_asked():
     images = torch.rand(4, 1, 28, 28)
     for eval_noise in (False, True):
-        model, _ = apply_methods(create_model("resnet20", in_channels=1, width=0.25),
-                                 [f"rsr:density=0.5,eval_noise={str(eval_noise).lower()}"])
-        model.eval()
+        model, (method,) = apply_methods(create_model("resnet20", in_channels=1, width=0.25),
+                                         [f"rsr:density=0.5,eval_noise={str(eval_noise).lower()}"])
+        assert any(m._forward_hooks for m in model.modules()) == eval_noise   # as built (and loaded)
+        method.attach_noise(model)                                            # what before_training does
         with torch.no_grad():
-            assert torch.equal(model(images), model(images)) != eval_noise
-            model.train()
-            assert not torch.equal(model(images), model(images))     # noise in training
-    quiet, _ = apply_methods(create_model("resnet20", in_channels=1, width=0.25), ["rsr:density=0.5,noise=0"])
+            assert torch.equal(model.eval()(images), model(images)) != eval_noise
+            assert not torch.equal(model.train()(images), model(images))     # noise in training
+            model = method.finalize(model)
+            # Training-only noise leaves no hook (a hooked model never runs as a graph) and no noise.
+            assert any(m._forward_hooks for m in model.modules()) == eval_noise
+            assert torch.equal(model.train()(images), model(images)) != eval_noise
+    quiet, (method,) = apply_methods(create_model("resnet20", in_channels=1, width=0.25), ["rsr:density=0.5,noise=0"])
+    method.attach_noise(quiet)
     quiet.train()
     with torch.no_grad():
         assert torch.equal(quiet(images), quiet(images))
+
+
+def test_rsr_batch_norm_statistics_are_re_estimated_without_noise():
+    model, (method,) = apply_methods(create_model("resnet20", in_channels=1, width=0.25), ["rsr:density=0.5"])
+    method.attach_noise(model)
+    quiet = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in quiet.named_parameters():
+            if name.endswith(NOISE_SCALE):
+                param.zero_()
+        norms = [m for m in quiet.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        images = torch.rand(100, 1, 28, 28)
+        quiet.train()(images)
+    method.recalibrate_batch_norm(model.eval(), images)
+    ours = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.allclose(a.running_var, b.running_var) and torch.allclose(a.running_mean, b.running_mean)
+               for a, b in zip(ours, norms))
+    assert not model.training and ours[0].momentum == 0.1     # mode and momentum restored
+    model.train()
+    assert not torch.equal(model(images[:4]), model(images[:4]))   # the noise is back after it
 
 
 class Stub:

@@ -14,6 +14,8 @@ ResNet-18's weights pruned with +0.68 clean and +8.72 PGD points over PGD advers
   adversarial loss keeps what helps against the attack.
 - Lasso: `lasso` x sum |w| over the prunable weights (every convolution and linear layer but the
   first convolution, as DNR), added to the loss until the pruning epoch.
+- Batch-norm statistics: re-estimated without noise on 5,000 training images at the end of every
+  epoch, since the evaluated model (and the attack during training, in eval mode) runs without it.
 - Pruning: after round(prune_at x epochs) epochs (at least 1, at most epochs - 1), every prunable
   layer keeps its `density` fraction of largest-magnitude weights (the mask buffer `rsr_mask`);
   pruned weights are exactly zero from then on and in the saved model.
@@ -41,6 +43,8 @@ from .masking import add_full_masks, apply_masks, densities, keep_count, masked_
 
 MASK = "rsr_mask"
 NOISE_SCALE = "rsr_noise_scale"
+RECALIBRATION_IMAGES = 5000   # training images batch-norm statistics are re-estimated on, each epoch
+RECALIBRATION_BATCH = 250
 
 
 @dataclass
@@ -90,6 +94,8 @@ class RSR(AdversarialMethod):
         self.adversarial = AdversarialLoss(o.beta, o.attack, o.eps, o.steps, o.seed, schedule_settings(o.schedule))
         self.noise_generator = torch.Generator().manual_seed(o.seed)
         self.noise_epoch = -1
+        self.silent = False   # True while batch-norm statistics are re-estimated without noise
+        self.noise_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def check_training(self, config) -> None:
         if config.epochs < 2:
@@ -107,12 +113,28 @@ class RSR(AdversarialMethod):
                 if isinstance(module, nn.Conv2d):
                     scale = torch.full((module.out_channels,), float(self.options.noise), device=module.weight.device)
                     module.register_parameter(NOISE_SCALE, nn.Parameter(scale))
-                    module.register_forward_hook(self.inject_noise)
+            if self.options.eval_noise:   # the noise is part of the evaluated (and loaded) model
+                self.attach_noise(model)
         add_full_masks(prunable(model), MASK)
         return model
 
+    def attach_noise(self, model: nn.Module) -> None:
+        if not self.noise_hooks:
+            self.noise_hooks = [m.register_forward_hook(self.inject_noise) for _, m in noisy_convolutions(model)]
+
+    def detach_noise(self) -> None:
+        """Training-only noise leaves no hook behind: a hooked model runs eager, never as a graph."""
+        for handle in self.noise_hooks:
+            handle.remove()
+        self.noise_hooks = []
+
+    def before_training(self, trainer) -> None:
+        super().before_training(trainer)
+        if self.options.noise > 0:
+            self.attach_noise(trainer.model)
+
     def inject_noise(self, module: nn.Conv2d, inputs, output: torch.Tensor) -> torch.Tensor | None:
-        if not (module.training or self.options.eval_noise):
+        if self.silent or not (module.training or self.options.eval_noise):
             return None
         std = output.detach().transpose(0, 1).flatten(1).std(dim=1)   # per channel, over batch and pixels
         noise = torch.randn(output.shape, generator=self.noise_generator).to(output.device, output.dtype)
@@ -146,6 +168,8 @@ class RSR(AdversarialMethod):
                 state = trainer.optimizer.state.get(module.weight, {})
                 if state.get("momentum_buffer") is not None:
                     state["momentum_buffer"].mul_(getattr(module, MASK))
+        if self.options.noise > 0 and not self.options.eval_noise:
+            self.recalibrate_batch_norm(model, trainer.dataset.train_images[:RECALIBRATION_IMAGES])
         noise = [getattr(m, NOISE_SCALE) for _, m in noisy_convolutions(model)]
         figures = {"rsr_density": densities(model, MASK), **self.adversarial.figures()}
         if noise:
@@ -153,6 +177,32 @@ class RSR(AdversarialMethod):
         return figures
 
     @torch.no_grad()
+    def recalibrate_batch_norm(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Re-estimate every batch norm's running statistics on `images` without noise: the
+        evaluated model runs without it, and statistics gathered on noisy activations cost it
+        4 points of clean accuracy (75.7% -> 79.7%, vgg11 w0.25 at density 0.15, noise 0.25)."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None          # a plain average over the batches below
+        was_training = model.training
+        model.train()
+        self.silent = True
+        device = next(model.parameters()).device
+        try:
+            for start in range(0, len(images), RECALIBRATION_BATCH):
+                batch = images[start:start + RECALIBRATION_BATCH]
+                model((batch.float() / 255.0 if batch.dtype == torch.uint8 else batch).to(device))
+        finally:
+            self.silent = False
+            model.train(was_training)
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+
+    @torch.no_grad()
     def finalize(self, model: nn.Module) -> nn.Module:
         apply_masks(model, MASK)
+        if not self.options.eval_noise:
+            self.detach_noise()
         return model
