@@ -47,6 +47,7 @@ def main() -> None:
         (small, "dense adversarial", "dense-adv", f"dnr:density=1,prune_fraction=0,{attack},eps={small}"),
         (small, "DNR (density 0.05)", "dnr-irregular", f"dnr:density=0.05,{attack},eps={small}"),
         (small, "RSR (density 0.15)", "rsr", f"rsr:density=0.15,{attack},eps={small}"),
+        (small, "RSR without noise (density 0.15)", "rsr-noise0", f"rsr:density=0.15,noise=0,{attack},eps={small}"),
         (large, "plain adversarial", "dense-adv-eps0.2", f"dnr:density=1,prune_fraction=0,{attack},eps={large}"),
         (large, "P-SAT", "sat-prob-eps0.2", f"sat:metric=prob,{attack},eps={large}"),
         (large, "H-SAT", "sat-hessian-eps0.2", f"sat:metric=hessian,{attack},eps={large}"),

@@ -3,7 +3,8 @@ convolution before it; every pSConv layer and every pruned or masked convolution
 swapped for a sparse-kernel layer (leancnn.kernels.sparse) with the ReLU after it
 fused, and residual adds and ReLUs fused into the kernel layer before them wherever a module's
 traced graph shows one (leancnn.kernels.fusion); a ViP block's
-interpolation back to full size as one compiled pass (leancnn.kernels.virtual_pool).
+interpolation back to full size as one compiled pass (leancnn.kernels.virtual_pool);
+a block-circulant layer on the FFT or its expanded dense weight (leancnn.kernels.circulant).
 A swapped layer runs the compiled kernel or the dense convolution, whichever its
 measured plan found faster (leancnn.kernels.plans), so deploying never makes a
 layer slower than dense. Latency
@@ -18,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from .kernels.circulant import CirculantInference, swap_circulant_layers
 from .kernels.fusion import fuse_kernel_epilogues
 from .kernels.graph import install_graph_plans
 from .kernels.psconv import PSConvInference, kernel_applies
@@ -71,14 +73,16 @@ def _kernel_layer(layer: nn.Module, relu: bool) -> nn.Module | None:
     plain 3x3 / 1x1 convolution, pruned, masked or dense (its plan may still pick oneDNN); else None."""
     if kernel_applies(layer):
         return PSConvInference(layer, relu=relu)
+    if isinstance(layer, CirculantInference):
+        return None if layer.linear or layer.kernel_ready else layer.use_kernel(relu)   # its dense route
     if type(layer) is nn.Conv2d and conv_applies(layer) and layer.weight.numel():
         return SparseConvInference.from_conv(layer, relu=relu)
     return None
 
 
 def swap_kernel_layers(model: nn.Module) -> nn.Module:
-    """Every convolution the sparse kernel can compute (pSConv, and pruned or masked 3x3 / 1x1
-    convolutions) -> its inference layer, fusing a ReLU that follows it (directly, or after a
+    """Every convolution the sparse kernel can compute (pSConv, pruned or masked 3x3 / 1x1
+    convolutions, a block-circulant layer's dense route) -> its inference layer, fusing a ReLU that follows it (directly, or after a
     folded batch norm) in the same Sequential. Each such layer runs what its plan measured faster."""
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
@@ -95,8 +99,9 @@ def swap_kernel_layers(model: nn.Module) -> nn.Module:
             if relu:
                 position = next(i for i in range(index + 1, len(module)) if module[i] is following[0])
                 module[position] = nn.Identity()
+    circulant = [name + "." for name, layer in model.named_modules() if isinstance(layer, CirculantInference)]
     for name, layer in list(model.named_modules()):  # outside a Sequential: no fusion
-        if name:
+        if name and not any(name.startswith(prefix) for prefix in circulant):   # their dense route is theirs
             swapped = _kernel_layer(layer, relu=False)
             if swapped is not None:
                 replace_module(model, name, swapped)
@@ -114,14 +119,15 @@ def swap_virtual_pools(model: nn.Module) -> nn.Module:
 def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Tensor] | None = None,
            graph: str = "auto") -> nn.Module:
     """The model as it should run for inference on this CPU (a copy, eval mode):
-    batch norm folded; with `kernels`, pSConv and pruned convolutions as sparse-kernel
+    batch norm folded; block-circulant layers on their plans (the FFT or the expanded dense
+    convolution, leancnn.kernels.circulant); with `kernels`, pSConv and pruned convolutions as sparse-kernel
     layers, each running what its deploy plan measured faster on this machine (the
     kernel or the dense convolution; plans are made the first time a layer sees an
     input shape, batch size, memory format and thread count, and cached on disk), and
     the whole model run eager or as a frozen TorchScript graph, whichever measured
     faster for the input (`graph`: auto, eager or torchscript; leancnn.kernels.graph).
     `example_inputs`: inputs to plan for now rather than at their first use."""
-    model = fold_batchnorm(model)
+    model = swap_circulant_layers(fold_batchnorm(model))
     if not kernels:
         return model
     model = swap_virtual_pools(fuse_kernel_epilogues(swap_kernel_layers(model)))
@@ -143,4 +149,7 @@ def deploy_plan(model: nn.Module) -> list[dict]:
         elif isinstance(layer, VirtualPoolInference):
             for plan in layer.plan_summary():
                 rows.append({"layer": name, "density": 1.0, **plan})
+        elif isinstance(layer, CirculantInference):   # density: values stored over the dense weight's (1/k)
+            for plan in layer.plan_summary():
+                rows.append({"layer": name, "density": round(1.0 / layer.block, 4), **plan})
     return rows

@@ -39,9 +39,12 @@ NO_DENSE_3X3 = "no 3x3 convolution to convert"
 NO_VIP_BLOCK = "the model has no block that can take ViP"
 # BCR's blocks of 4 filters must divide every pruned layer: shufflenetv2 at width 0.25 has 14-filter layers.
 BLOCKS_DO_NOT_DIVIDE = "do not divide layer"
+# lenet5 at the tests' width has 5 and 12 filters and 125 hidden units: no circulant block of 2 or 4 divides them.
+NO_CIRCULANT_LAYER = "the block divides the channels of no"
 NOT_APPLICABLE = {
     ("bcr", "shufflenetv2"): BLOCKS_DO_NOT_DIVIDE,
     ("vip", "lenet5"): NO_VIP_BLOCK,
+    ("circulant", "lenet5"): NO_CIRCULANT_LAYER,
     **{(method, model): CHANNEL_LAYOUT
        for method in ("cap", "l1prune", "dnr-channel") for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
     **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2", "lenet5")},

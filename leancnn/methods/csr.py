@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers.csrconv import CSRConv2d
 from .base import Method, register_method
-from .selection import matching, stem_conv
+from .selection import chosen_layers, dense_convolutions
 from ..surgery import replace_module
 
 
@@ -36,20 +36,7 @@ class CSR(Method):
             raise ConfigError(f"method 'csr': T must be >= 1, got {self.options.T}")
 
     def targets(self, model: nn.Module) -> list[str]:
-        convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d]
-        stem = stem_conv(model)
-        dense = [(n, m) for n, m in convs if m.groups == 1 and n != stem]
-        choice = self.options.layers
-        if choice == "auto":
-            chosen = [n for n, _ in dense]
-        elif choice in ("1x1", "3x3"):
-            size = int(choice[0])
-            chosen = [n for n, m in dense if m.kernel_size == (size, size)]
-        else:
-            chosen = matching([n for n, _ in dense], choice)
-        if not chosen:
-            raise ConfigError(f"method 'csr': no dense convolution matches layers={choice!r}")
-        return chosen
+        return chosen_layers(dense_convolutions(model), self.options.layers, "method 'csr'")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         steps = self.options.T
