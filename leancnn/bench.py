@@ -37,7 +37,7 @@ from .models import create_model
 from .measure.onnx_latency import onnx_available, onnx_session, session_latency
 from .report.budget import DENSE_LABEL, DENSE_ONNX_LABEL, Budget, Recommendation, default_budget, dense_baseline_ms, recommend
 from .report.html import CandidateDetail, write_report
-from .report.pareto import pareto_front
+from .measure.pareto import pareto_front
 from .report.table import console, fmt_bytes, fmt_count, fmt_pct
 from .report.plots import plot_front
 from .runs import load_run, read_result, save_result

@@ -18,7 +18,7 @@ from .io import write_text
 from .measure.latency import machine
 from .methods import Method, parse_method
 from .runs import RunResult, load_run_with_methods, read_result, save_result, versions, write_log, write_model
-from .train import Trainer, evaluate
+from .train import Trainer, evaluate, hold_out
 
 SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the test set stays unseen
 
@@ -55,11 +55,8 @@ class CompressSession:
 
 
 def split_selection(dataset: ImageDataset, seed: int) -> tuple[ImageDataset, torch.Tensor, torch.Tensor]:
-    count = min(SELECTION_IMAGES, len(dataset.train_labels) // 5)
-    order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed + 7))
-    held, kept = order[:count], order[count:]
-    train = replace(dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept])
-    return train, dataset.train_images[held], dataset.train_labels[held]
+    train, held = hold_out(dataset, min(SELECTION_IMAGES, len(dataset.train_labels) // 5), seed + 7)
+    return (train, *held) if held is not None else (train, dataset.train_images[:0], dataset.train_labels[:0])
 
 
 def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | None, lr: float | None = None,

@@ -11,7 +11,7 @@ from leancnn.bench import COLUMNS, BenchPlan, Candidate, default_candidates, qui
 from leancnn.cli import main
 from leancnn.kernels.sparse import DENSE_PACKED, PASS_CHOICES
 from leancnn.report.budget import DENSE_ONNX_LABEL, Budget, default_budget
-from leancnn.report.pareto import pareto_front
+from leancnn.measure.pareto import pareto_front
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_default_candidates_cover_registered_methods():
     assert [c.methods for c in default_candidates(["psconv:k=2,period=6"])][1] == ["psconv:k=2,period=6"]
     quick = [c.label for c in default_candidates(quick=True)]
     # csr, synflow and admm train too slowly for it; the post-training ones come last (they compress dense).
-    assert quick == ["dense", "dnr:density=0.05,attack=none", "PS4_P4", "bcr:density=0.1",
+    assert quick == ["dense", "circulant:block=4", "dnr:density=0.05,attack=none", "PS4_P4", "bcr:density=0.1",
                      "magprune:density=0.1,attack=none"]
     assert {"synflow:density=0.1", "admm:density=0.1,bits=8"} <= set(labels)
     assert "vip" not in " ".join(labels), "post-training methods without bench strengths are left out"

@@ -15,6 +15,27 @@ from .attacks import Attack
 from .autoattack import worst_case
 
 
+def unit_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 images as floats in [0, 1] (as the loader feeds them); float images as they are."""
+    return batch.float() / 255.0 if batch.dtype == torch.uint8 else batch
+
+
+@torch.no_grad()
+def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> float:
+    """Top-1 of `model` in eval mode (its mode restored after). `images`: uint8 or floats in [0, 1]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = unit_float(images[start:start + batch_size]).to(device)
+            correct += int((model(batch).argmax(1) == labels[start:start + batch_size].to(device)).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(len(images), 1)
+
+
 def robust_accuracies(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, attack: Attack, *,
                       batch_size: int = 250, seed: int = 0, progress: bool = True) -> dict[str, float]:
     """{attack name: fraction of images still classified correctly}, plus, for an ensemble, the
@@ -30,7 +51,7 @@ def robust_accuracies(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         with progress_bar(len(batches), f"attack {attack.spec}", enabled=progress) as advance:
             for start in batches:
                 batch = images[start:start + batch_size]
-                batch = (batch.float() / 255.0 if batch.dtype == torch.uint8 else batch).to(device)
+                batch = unit_float(batch).to(device)
                 target = labels[start:start + batch_size].to(device)
                 if components:
                     _, after = worst_case(model, batch, target, components, generator)

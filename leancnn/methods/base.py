@@ -29,6 +29,7 @@ class TrainingContext(Protocol):
     dataset: ImageDataset
     state: EpochState
     total_steps: int   # optimizer steps of the whole run
+    holdout: tuple[torch.Tensor, torch.Tensor] | None   # training images (and labels) kept out of training
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -94,6 +95,11 @@ class Method:
     # -- before training ---------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         return model
+
+    def holdout_images(self, training_images: int) -> int:
+        """How many of the `training_images` to keep out of training for the method to choose by
+        (the trainer's `holdout`); 0 by default."""
+        return 0
 
     def check_training(self, config: TrainConfig) -> None:
         """Raise ConfigError if the method cannot train under `config`; called before anything

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..measure.robustness import unit_float
 from .adversarial import AdversarialLoss, AdversarialMethod, check_adversarial_options, schedule_settings
 from .base import register_method
 from .dnr import prunable
@@ -193,7 +194,7 @@ class RSR(AdversarialMethod):
         try:
             for start in range(0, len(images), RECALIBRATION_BATCH):
                 batch = images[start:start + RECALIBRATION_BATCH]
-                model((batch.float() / 255.0 if batch.dtype == torch.uint8 else batch).to(device))
+                model(unit_float(batch).to(device))
         finally:
             self.silent = False
             model.train(was_training)

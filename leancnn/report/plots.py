@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..io import atomic_write
-from .pareto import pareto_front
+from ..measure.pareto import pareto_front
 
 AXES = {
     "macs": ("macs_effective", "effective MACs per image (millions)", 1e-6),

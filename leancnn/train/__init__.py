@@ -1,3 +1,3 @@
-from .trainer import EvalResult, Trainer, TrainState, evaluate
+from .trainer import EvalResult, Trainer, TrainState, evaluate, hold_out
 
-__all__ = ["EvalResult", "TrainState", "Trainer", "evaluate"]
+__all__ = ["EvalResult", "TrainState", "Trainer", "evaluate", "hold_out"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,6 +72,17 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
                       loss_sum / max(count, 1), count)
 
 
+def hold_out(dataset: ImageDataset, count: int, seed: int) -> tuple[ImageDataset, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(the dataset without `count` training images drawn by a permutation seeded with `seed`,
+    those images and labels); (dataset, None) when count is 0."""
+    if count <= 0:
+        return dataset, None
+    order = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:count], order[count:]
+    kept_set = replace(dataset, train_images=dataset.train_images[kept], train_labels=dataset.train_labels[kept])
+    return kept_set, (dataset.train_images[held], dataset.train_labels[held])
+
+
 class Trainer:
     """Trains `model` on `dataset` under `config`, calling each method's hooks.
 
@@ -84,8 +95,10 @@ class Trainer:
                  methods: list[Method] | None = None, checkpoint_dir: Path | None = None,
                  progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
-        self.dataset = dataset
         self.methods = methods or []
+        # Training images a method keeps out of training to choose by (the dynamic method's search).
+        self.dataset, self.holdout = hold_out(dataset, max((m.holdout_images(len(dataset.train_labels))
+                                                            for m in self.methods), default=0), config.seed + 13)
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_epoch = on_epoch

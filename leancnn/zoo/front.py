@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..report.pareto import pareto_front as front_indices
+from ..measure.pareto import pareto_front as front_indices
 
 
 @dataclass(frozen=True)
