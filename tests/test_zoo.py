@@ -190,3 +190,41 @@ def test_zoo_build_accepts_only_the_quantiles_a_zoo_records(tmp_path, capsys):
     assert code == 2
     assert "a zoo records the median and p90 of each model, got 'p99'" in capsys.readouterr().err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_a_dynamic_run_serves_its_sub_networks_from_one_copy_of_the_weights(tmp_path):
+    from leancnn.experiment import train_run
+    from leancnn.methods.dynamic import SubnetView, select_subnet
+    from leancnn.runs import load_run
+    from leancnn.zoo.build import build_zoo
+    from leancnn.zoo.runtime import Runtime
+
+    from .conftest import tiny_config
+
+    spec = "dynamic:targets=1+0.6+0.3,smallest=0.25,random=1,candidates=6,holdout=64,recalibrate=64,front=macs"
+    dynamic = train_run(tiny_config(tmp_path, width=0.5, epochs=2, methods=[spec], out=str(tmp_path / "dyn")),
+                        progress=False)
+    plain = train_run(tiny_config(tmp_path, width=0.25, out=str(tmp_path / "plain")), progress=False)
+    manifest = build_zoo([str(dynamic.run_dir), str(plain.run_dir)], tmp_path / "zoo", epsilon=0.0, runs=5,
+                         log=lambda _: None)
+    entries = {m["name"]: m for m in manifest["models"]} | {d["name"]: d for d in manifest["dropped"]}
+    assert {"dyn-sub0", "dyn-sub1", "dyn-sub2", "plain"} == set(entries)   # mixed in one zoo
+    kept = [m for m in manifest["models"] if m.get("subnet") is not None]
+    assert kept and all(m["path"] == "models/dyn" for m in kept)
+    assert {p.name for p in (tmp_path / "zoo" / "models").iterdir()} <= {"dyn", "plain"}   # one copy of dyn
+
+    runtime = Runtime(tmp_path / "zoo", calibrate=False)
+    views = [m for m in runtime.models if isinstance(m, SubnetView)]
+    assert len(views) == len(kept) and len({id(v.model) for v in views}) == 1   # one model behind them
+    shared = views[0].model
+    before = {k: t.data_ptr() for k, t in shared.state_dict().items()}
+    reference, _ = load_run(dynamic.run_dir)
+    x = torch.rand(1, *runtime.input_shape)
+    with torch.no_grad():
+        for _ in range(2):
+            for view in views:   # switching back and forth: the same weights, each view its own function
+                expected = select_subnet(reference, view.index).eval()(x)
+                assert torch.allclose(view(x), expected, atol=1e-6)
+    assert {k: t.data_ptr() for k, t in shared.state_dict().items()} == before
+    answer = runtime.predict(x[0], deadline_ms=10_000.0)
+    assert answer.model in runtime.names and len(answer.probabilities) == 4

@@ -145,8 +145,13 @@ class Dynamic(Method):
     def after_epoch(self, trainer, epoch: int) -> dict[str, Any] | None:
         if epoch + 1 != trainer.config.epochs:
             return None
-        return {"dynamic_subnets": self.search(trainer.model, trainer.dataset.train_images, trainer.holdout,
-                                               tuple(trainer.dataset.input_shape))}
+        chosen = self.search(trainer.model, trainer.dataset.train_images, trainer.holdout,
+                             tuple(trainer.dataset.input_shape))
+        for index, record in enumerate(chosen):   # reported, not chosen by: the choice used held-out images
+            record["test_acc"] = clean_accuracy(select_subnet(trainer.model, index), trainer.dataset.test_images,
+                                                trainer.dataset.test_labels)
+        select_subnet(trainer.model, None)
+        return {"dynamic_subnets": chosen}
 
     @torch.no_grad()
     def search(self, model: nn.Module, train_images: torch.Tensor,
@@ -249,6 +254,12 @@ def subnet_widths(model: nn.Module, index: int) -> list[int]:
     return widths
 
 
+def is_dynamic(model: nn.Module) -> bool:
+    """A dynamic model whose search has chosen its sub-networks."""
+    table = getattr(model, WIDTHS, None)
+    return isinstance(table, torch.Tensor) and bool(table.numel()) and bool((table > 0).all())
+
+
 def select_subnet(model: nn.Module, index: int | None) -> nn.Module:
     """Switch `model` (in place, no weight allocated) to sub-network `index`, with its batch-norm
     statistics; None: the full network with its running statistics."""
@@ -256,7 +267,23 @@ def select_subnet(model: nn.Module, index: int | None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, DynamicBatchNorm2d):
             module.subnet = index
+    model.dynamic_selected = index
     return model
+
+
+class SubnetView(nn.Module):
+    """Sub-network `index` of a dynamic model shared with other views: a call switches the model
+    to it (when another was selected) and runs it, so one copy of the weights serves every view."""
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        subnet_widths(model, index)   # exists and was chosen
+        self.model, self.index = model, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.model, "dynamic_selected", None) != self.index:
+            select_subnet(self.model, self.index)
+        return self.model(x)
 
 
 def subnet_model(model: nn.Module, index: int) -> nn.Module:

@@ -10,6 +10,7 @@ quantile. Accuracy is the run's test accuracy.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from ..measure import measure_latency
 from ..measure.latency import machine
 from ..errors import LeancnnError
 from ..io import slug, write_json
+from ..methods.dynamic import SubnetView, is_dynamic, subnet_count
 from ..runs import DB_NAME, list_runs, load_run, read_json, read_result
 from .front import FrontModel, pareto_front, thin
 
@@ -40,6 +42,7 @@ class ZooModel:
     expected_ms: float        # the chosen quantile (the selector adds the server's measured overhead)
     macs_effective: int
     source_run: str
+    subnet: int | None = None   # a dynamic run's sub-network (models sharing `path` share one set of weights)
 
 
 def find_runs(sources: list[str]) -> list[Path]:
@@ -85,15 +88,16 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
         shape = tuple(architecture["input_shape"])
         shapes.add(shape)
         datasets.add(result.dataset)
-        median, p90 = measure_batch1(deploy(model), shape, runs, threads)
-        name = slug(run_dir.name, "model")
-        if any(m.name == name for m in measured):  # two runs with one directory name
-            name = f"{name}-{len(measured)}"
-        measured.append(ZooModel(name, f"models/{name}", result.test_acc, median, p90,
-                                 median if quantile == "median" else p90, result.macs_effective or 0,
-                                 str(run_dir)))
-        log(f"  {name}: accuracy {100 * result.test_acc:.2f}%, batch-1 latency median {median:.3f} ms, "
-            f"p90 {p90:.3f} ms")
+        base = slug(run_dir.name, "model")
+        if any(m.path == f"models/{base}" for m in measured):  # two runs with one directory name
+            base = f"{base}-{len(measured)}"
+        for subnet, accuracy, macs, runner in servable(run_dir, model, result):
+            median, p90 = measure_batch1(runner, shape, runs, threads)
+            name = base if subnet is None else f"{base}-sub{subnet}"
+            measured.append(ZooModel(name, f"models/{base}", accuracy, median, p90,
+                                     median if quantile == "median" else p90, macs, str(run_dir), subnet))
+            log(f"  {name}: accuracy {100 * accuracy:.2f}%, batch-1 latency median {median:.3f} ms, "
+                f"p90 {p90:.3f} ms")
     if len(shapes) > 1 or len(datasets) > 1:
         raise LeancnnError(f"runs disagree on input shape or dataset ({sorted(shapes)}, {sorted(datasets)}): "
                            "a zoo serves one kind of input")
@@ -111,9 +115,10 @@ def build_zoo(sources: list[str], out: Path, *, quantile: str = "p90", epsilon: 
     for candidate in kept:
         model = by_name[candidate.name]
         target = out / model.path
-        target.mkdir(parents=True, exist_ok=True)
-        for file in ("model.json", "model.safetensors"):
-            shutil.copyfile(Path(model.source_run) / file, target / file)
+        if not target.is_dir():   # a dynamic run's sub-networks share one copy
+            target.mkdir(parents=True)
+            for file in ("model.json", "model.safetensors"):
+                shutil.copyfile(Path(model.source_run) / file, target / file)
         models.append(asdict(model))
     manifest = {"version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "dataset": datasets.pop(),
                 "input_shape": list(shapes.pop()), "quantile": quantile, "epsilon": epsilon, "threads": threads,
@@ -133,6 +138,34 @@ def load_manifest(zoo: Path) -> dict[str, Any]:
     return manifest
 
 
+def servable(run_dir: Path, model: torch.nn.Module, result) -> list[tuple[int | None, float, int, torch.nn.Module]]:
+    """(sub-network or None, test accuracy, effective MACs, what serves it) for each model a run
+    offers: a dynamic run its chosen sub-networks (views of one model), any other run itself, deployed."""
+    if not is_dynamic(model):
+        return [(None, result.test_acc, result.macs_effective or 0, deploy(model))]
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    chosen = next((e["dynamic_subnets"] for e in reversed(entries) if "dynamic_subnets" in e), None)
+    if chosen is None or len(chosen) != subnet_count(model):
+        raise LeancnnError(f"{run_dir}: a dynamic run without its search's record (log.jsonl dynamic_subnets)")
+    shared = model.eval()
+    return [(index, record["test_acc"], record["macs"], SubnetView(shared, index))
+            for index, record in enumerate(chosen)]
+
+
 def load_zoo_models(zoo: Path, manifest: dict[str, Any]) -> list[torch.nn.Module]:
-    """The zoo's models, deployed for inference, in manifest order (rising time)."""
-    return [deploy(load_run(Path(zoo) / entry["path"])[0]) for entry in manifest["models"]]
+    """The zoo's models for inference, in manifest order (rising time): each deployed, or, for a
+    dynamic run's sub-networks, views of one shared model (loaded once; switching is choosing
+    widths). A dynamic model is not deployed: its batch norms' statistics change with the
+    sub-network, so they cannot be folded into the shared weights, and a traced graph would fix
+    one sub-network's widths."""
+    shared: dict[str, torch.nn.Module] = {}
+    models = []
+    for entry in manifest["models"]:
+        subnet = entry.get("subnet")
+        if subnet is None:
+            models.append(deploy(load_run(Path(zoo) / entry["path"])[0]))
+            continue
+        if entry["path"] not in shared:
+            shared[entry["path"]] = load_run(Path(zoo) / entry["path"])[0].eval()
+        models.append(SubnetView(shared[entry["path"]], subnet))
+    return models
