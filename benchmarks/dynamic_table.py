@@ -75,8 +75,9 @@ def main() -> None:
         macs = count(model, shape).macs_effective
         full = widths == [conv.out_channels for conv in producers(model)]
         spec = "+".join(f"{n}:{w}" for n, w in zip(names, widths))
-        alone_dir = train(f"{args.model}-w{args.width}-dense" if full else
-                          f"{args.model}-w{args.width}-alone-{index}", [] if full else [f"l1prune:widths={spec}"])
+        alone_dir = train(f"{args.model}-w{args.width}-dense" if full else  # named by its widths: reused only for them
+                          f"{args.model}-w{args.width}-alone-{'-'.join(map(str, widths))}",
+                          [] if full else [f"l1prune:widths={spec}"])
         alone = read_result(alone_dir)
         rows.append({"target": chosen[index]["target"], "widths": widths, "mac_fraction": macs / full_macs,
                      "macs": macs, "dynamic_test_acc": dynamic_acc, "holdout_acc": chosen[index]["holdout_acc"],

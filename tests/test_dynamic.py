@@ -174,3 +174,24 @@ def test_a_layout_it_does_not_know_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "method 'dynamic': channel surgery does not know" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_choosing_a_sub_network_for_a_mac_target_by_hand():
+    from leancnn.methods.dynamic import choose
+
+    def c(name, macs, acc, ms):
+        return {"name": name, "macs": macs, "holdout_acc": acc, "latency_ms": ms}
+
+    measured = [c("a", 100, 0.90, 10.0), c("b", 96, 0.91, 9.5), c("c", 68, 0.88, 7.0), c("d", 65, 0.885, 8.0),
+                c("e", 51, 0.89, 5.0), c("f", 30, 0.80, 3.0)]
+
+    def pick(target, cost="latency_ms"):
+        return choose(measured, target, 100, cost)["name"]
+
+    assert pick(1.0) == "b"       # band [90, 102]: b is faster and more accurate than a
+    assert pick(0.7) == "d"       # band [60, 71.4]: c and d both on the front, d the more accurate; e (51) is out
+    assert pick(0.5) == "e"       # band [40, 51]
+    assert pick(0.35) == "f"      # band [25, 35.7]
+    assert pick(0.45) == "f"      # empty band [35, 45.9]: the largest within the target
+    assert pick(0.2) == "f"       # nothing within: the smallest of all
+    assert choose(measured, 0.7, 100, "macs")["name"] == "d"   # against MACs d (65) is cheaper and more accurate

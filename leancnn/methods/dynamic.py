@@ -16,9 +16,9 @@ sliced weights (`subnet_model`).
 
 After the last epoch, `candidates` sub-networks (uniform widths and random non-uniform ones)
 are measured: MACs, latency at batch 64 on this machine, and top-1 on `holdout` training images
-kept out of training (each after its own batch-norm re-estimation). For each MAC target, the
-most accurate candidate within it that no other candidate beats in both accuracy and latency
-is kept (`front=macs`: against MACs instead). The chosen widths and their statistics are buffers of the model (saved with it).
+kept out of training (each after its own batch-norm re-estimation). For each MAC target, of the
+candidates within 10% below it (and 2% above), the most accurate one on their accuracy/latency
+front is kept (`front=macs`: against MACs instead). The chosen widths and their statistics are buffers of the model (saved with it).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from .channels import channel_groups, shrink_to_widths
 
 WIDTHS = "dynamic_widths"      # root buffer [sub-networks, groups]: the chosen widths (0: not chosen yet)
 MACS_SLACK = 0.02              # a candidate may exceed its MAC target by this fraction
+MACS_BAND = 0.1                # ... and fall below it by this much (a fraction of the full network's MACs)
 SEARCH_BATCH = 64              # the batch latency is measured at (what a server batches)
 FRONTS = {"latency": "latency_ms", "macs": "macs"}
 
@@ -186,13 +187,9 @@ class Dynamic(Method):
                                                                      channels_last=False).median_ms, 3)})
                 restore_statistics(model, saved)
             cost = FRONTS[self.options.front]
-            front = [measured[i] for i in pareto_front([c[cost] for c in measured],
-                                                        [c["holdout_acc"] for c in measured])]
             chosen = []
             for index, target in enumerate(self.targets):
-                fitting = [c for c in front if c["macs"] <= target * full_macs * (1 + MACS_SLACK)] or \
-                          [min(measured, key=lambda c: c["macs"])]
-                best = max(fitting, key=lambda c: (c["holdout_acc"], -c[cost]))
+                best = choose(measured, target, full_macs, cost)
                 set_widths(model, best["widths"])
                 re_estimate(model, recalibration)
                 store_subnet(model, index, best["widths"])
@@ -202,6 +199,21 @@ class Dynamic(Method):
             set_widths(model, full)
             model.train(was_training)
         return chosen
+
+
+def choose(measured: list[dict], target: float, full_macs: int, cost: str) -> dict:
+    """The sub-network for a MAC target: among the candidates whose MACs lie in the band
+    [target - MACS_BAND, target + MACS_SLACK] (of the full network's), the most accurate on that
+    band's accuracy/`cost` front; when the band is empty, the largest candidate within the target,
+    else the smallest of all. A band, not only a ceiling: a noisy accuracy must not let a 50%
+    network stand in for the 70% one."""
+    fraction = {id(c): c["macs"] / full_macs for c in measured}
+    band = [c for c in measured if target - MACS_BAND <= fraction[id(c)] <= target * (1 + MACS_SLACK)]
+    if not band:
+        within = [c for c in measured if fraction[id(c)] <= target * (1 + MACS_SLACK)]
+        return max(within, key=lambda c: c["macs"]) if within else min(measured, key=lambda c: c["macs"])
+    front = [band[i] for i in pareto_front([c[cost] for c in band], [c["holdout_acc"] for c in band])]
+    return max(front, key=lambda c: (c["holdout_acc"], -c[cost]))
 
 
 # -- widths ------------------------------------------------------------------------------------
