@@ -194,7 +194,9 @@ def test_zoo_build_accepts_only_the_quantiles_a_zoo_records(tmp_path, capsys):
 
 def test_a_dynamic_run_serves_its_sub_networks_from_one_copy_of_the_weights(tmp_path):
     from leancnn.experiment import train_run
-    from leancnn.methods.dynamic import SubnetView, select_subnet
+    from itertools import chain
+
+    from leancnn.methods.dynamic import select_subnet
     from leancnn.runs import load_run
     from leancnn.zoo.build import build_zoo
     from leancnn.zoo.runtime import Runtime
@@ -214,17 +216,19 @@ def test_a_dynamic_run_serves_its_sub_networks_from_one_copy_of_the_weights(tmp_
     assert {p.name for p in (tmp_path / "zoo" / "models").iterdir()} <= {"dyn", "plain"}   # one copy of dyn
 
     runtime = Runtime(tmp_path / "zoo", calibrate=False)
-    views = [m for m in runtime.models if isinstance(m, SubnetView)]
-    assert len(views) == len(kept) and len({id(v.model) for v in views}) == 1   # one model behind them
-    shared = views[0].model
-    before = {k: t.data_ptr() for k, t in shared.state_dict().items()}
+    views = {e["subnet"]: m for e, m in zip(runtime.entries, runtime.models) if e.get("subnet") is not None}
+    assert len(views) == len(kept)
+    # One set of weights behind every sub-network: the same storages, as many as one model has.
+    storages = [{t.data_ptr() for t in chain(v.parameters(), v.buffers())} for v in views.values()]
     reference, _ = load_run(dynamic.run_dir)
-    x = torch.rand(1, *runtime.input_shape)
+    assert all(s == storages[0] for s in storages)
+    assert len(storages[0]) == len(list(chain(reference.parameters(), reference.buffers())))
+    x = torch.rand(3, *runtime.input_shape)
     with torch.no_grad():
         for _ in range(2):
-            for view in views:   # switching back and forth: the same weights, each view its own function
-                expected = select_subnet(reference, view.index).eval()(x)
+            for index, view in views.items():   # back and forth: each its own function, no weight copied
+                expected = select_subnet(reference, index).eval()(x)
                 assert torch.allclose(view(x), expected, atol=1e-6)
-    assert {k: t.data_ptr() for k, t in shared.state_dict().items()} == before
+                assert {t.data_ptr() for t in chain(view.parameters(), view.buffers())} == storages[0]
     answer = runtime.predict(x[0], deadline_ms=10_000.0)
     assert answer.model in runtime.names and len(answer.probabilities) == 4

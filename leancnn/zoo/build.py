@@ -24,7 +24,7 @@ from ..measure import measure_latency
 from ..measure.latency import machine
 from ..errors import LeancnnError
 from ..io import slug, write_json
-from ..methods.dynamic import SubnetView, is_dynamic, subnet_count
+from ..methods.dynamic import is_dynamic, subnet_count, traced_subnet
 from ..runs import DB_NAME, list_runs, load_run, read_json, read_result
 from .front import FrontModel, pareto_front, thin
 
@@ -140,24 +140,23 @@ def load_manifest(zoo: Path) -> dict[str, Any]:
 
 def servable(run_dir: Path, model: torch.nn.Module, result) -> list[tuple[int | None, float, int, torch.nn.Module]]:
     """(sub-network or None, test accuracy, effective MACs, what serves it) for each model a run
-    offers: a dynamic run its chosen sub-networks (views of one model), any other run itself, deployed."""
+    offers: a dynamic run its chosen sub-networks (graphs over one model), any other run itself, deployed."""
     if not is_dynamic(model):
         return [(None, result.test_acc, result.macs_effective or 0, deploy(model))]
     entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     chosen = next((e["dynamic_subnets"] for e in reversed(entries) if "dynamic_subnets" in e), None)
     if chosen is None or len(chosen) != subnet_count(model):
         raise LeancnnError(f"{run_dir}: a dynamic run without its search's record (log.jsonl dynamic_subnets)")
-    shared = model.eval()
-    return [(index, record["test_acc"], record["macs"], SubnetView(shared, index))
+    example = torch.rand(1, *read_json(run_dir / "model.json")["input_shape"])
+    return [(index, record["test_acc"], record["macs"], traced_subnet(model, index, example))
             for index, record in enumerate(chosen)]
 
 
 def load_zoo_models(zoo: Path, manifest: dict[str, Any]) -> list[torch.nn.Module]:
     """The zoo's models for inference, in manifest order (rising time): each deployed, or, for a
-    dynamic run's sub-networks, views of one shared model (loaded once; switching is choosing
-    widths). A dynamic model is not deployed: its batch norms' statistics change with the
-    sub-network, so they cannot be folded into the shared weights, and a traced graph would fix
-    one sub-network's widths."""
+    dynamic run's sub-networks, one traced graph each over one shared model (loaded once; the
+    graphs slice its weights, no copy). A dynamic model is not deployed: its batch norms'
+    statistics change with the sub-network, so they cannot be folded into the shared weights."""
     shared: dict[str, torch.nn.Module] = {}
     models = []
     for entry in manifest["models"]:
@@ -167,5 +166,5 @@ def load_zoo_models(zoo: Path, manifest: dict[str, Any]) -> list[torch.nn.Module
             continue
         if entry["path"] not in shared:
             shared[entry["path"]] = load_run(Path(zoo) / entry["path"])[0].eval()
-        models.append(SubnetView(shared[entry["path"]], subnet))
+        models.append(traced_subnet(shared[entry["path"]], subnet, torch.rand(1, *manifest["input_shape"])))
     return models
