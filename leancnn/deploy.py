@@ -82,8 +82,8 @@ def _kernel_layer(layer: nn.Module, relu: bool) -> nn.Module | None:
 
 def swap_kernel_layers(model: nn.Module) -> nn.Module:
     """Every convolution the sparse kernel can compute (pSConv, pruned or masked 3x3 / 1x1
-    convolutions, a block-circulant layer's dense route) -> its inference layer, fusing a ReLU that follows it (directly, or after a
-    folded batch norm) in the same Sequential. Each such layer runs what its plan measured faster."""
+    convolutions, a block-circulant layer's dense route) -> its inference layer, fusing a ReLU
+    that follows it (directly, or after a folded batch norm) in the same Sequential. Each such layer runs what its plan measured faster."""
     for module in list(model.modules()):
         if not isinstance(module, nn.Sequential):
             continue
@@ -120,8 +120,8 @@ def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Te
            graph: str = "auto") -> nn.Module:
     """The model as it should run for inference on this CPU (a copy, eval mode):
     batch norm folded; block-circulant layers on their plans (the FFT or the expanded dense
-    convolution, leancnn.kernels.circulant); with `kernels`, pSConv and pruned convolutions as sparse-kernel
-    layers, each running what its deploy plan measured faster on this machine (the
+    convolution, leancnn.kernels.circulant); with `kernels`, pSConv and pruned convolutions as
+    sparse-kernel layers, each running what its deploy plan measured faster on this machine (the
     kernel or the dense convolution; plans are made the first time a layer sees an
     input shape, batch size, memory format and thread count, and cached on disk), and
     the whole model run eager or as a frozen TorchScript graph, whichever measured
