@@ -203,8 +203,8 @@ def test_a_dynamic_run_serves_its_sub_networks_from_one_copy_of_the_weights(tmp_
 
     from .conftest import tiny_config
 
-    spec = "dynamic:targets=1+0.6+0.3,smallest=0.25,random=1,candidates=6,holdout=64,recalibrate=64,front=macs"
-    dynamic = train_run(tiny_config(tmp_path, width=0.5, epochs=2, methods=[spec], out=str(tmp_path / "dyn")),
+    spec = "dynamic:targets=1+0.6+0.3,smallest=0.25,random=1,candidates=4,holdout=64,recalibrate=64,front=macs"
+    dynamic = train_run(tiny_config(tmp_path, width=0.5, epochs=1, methods=[spec], out=str(tmp_path / "dyn")),
                         progress=False)
     plain = train_run(tiny_config(tmp_path, width=0.25, out=str(tmp_path / "plain")), progress=False)
     manifest = build_zoo([str(dynamic.run_dir), str(plain.run_dir)], tmp_path / "zoo", epsilon=0.0, runs=5,

@@ -36,7 +36,7 @@ class Circulant(Method):
 
     name = "circulant"
     Options = CirculantOptions
-    test_specs = ["circulant:block=4", "circulant:block=2,compute=fft"]
+    test_specs = ["circulant:block=4,compute=fft"]   # the dense route: tests/test_circulant.py
     bench_specs = ["circulant:block=4", "circulant:block=8"]
 
     def validate(self) -> None:
