@@ -34,6 +34,11 @@ def check_block(block: int, in_features: int, out_features: int, what: str) -> N
         raise ValueError(f"{what}: block {block} does not divide its channels ({in_features} in, {out_features} out)")
 
 
+def check_compute(compute: str, what: str) -> None:
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"{what}: compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+
+
 def _diagonal_index(block: int, device: torch.device | None = None) -> torch.Tensor:
     """index[a, b] = (a - b) mod k: which entry of the defining vector block[a, b] is."""
     rows = torch.arange(block, device=device)
@@ -124,8 +129,7 @@ class BlockCirculantConv2d(nn.Module):
                  padding: int | tuple = 0, bias: bool = True, *, block: int = 8, compute: str = "fft") -> None:
         super().__init__()
         check_block(block, in_channels, out_channels, "BlockCirculantConv2d")
-        if compute not in COMPUTE_MODES:
-            raise ValueError(f"BlockCirculantConv2d: compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+        check_compute(compute, "BlockCirculantConv2d")
         self.kernel_size = nn.modules.utils._pair(kernel_size)
         self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
         self.in_channels, self.out_channels, self.block, self.compute = in_channels, out_channels, block, compute
@@ -178,8 +182,7 @@ class BlockCirculantLinear(nn.Module):
                  compute: str = "fft") -> None:
         super().__init__()
         check_block(block, in_features, out_features, "BlockCirculantLinear")
-        if compute not in COMPUTE_MODES:
-            raise ValueError(f"BlockCirculantLinear: compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+        check_compute(compute, "BlockCirculantLinear")
         self.in_features, self.out_features, self.block, self.compute = in_features, out_features, block, compute
         self.weight = nn.Parameter(torch.empty(out_features // block, in_features // block, block))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
