@@ -2,12 +2,22 @@
 when it is absent (CI installs it with `make setup`)."""
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 
 from leancnn.config import TrainConfig
 from leancnn.data import load_dataset
 from leancnn.errors import DataError
+
+
+@dataclass
+class SharedRun:
+    run_dir: Path
+    result: object
 
 
 @pytest.fixture(autouse=True)
@@ -68,14 +78,26 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="session")
 def trained_fmnist(tmp_path_factory, fashion_mnist):
-    """A small model trained on a Fashion-MNIST subset, shared by the measurement tests."""
-    from leancnn.experiment import train_run
+    """A small model trained on a Fashion-MNIST subset, shared by the measurement tests.
 
-    out = tmp_path_factory.mktemp("fmnist") / "run"
-    config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=2, train_subset=8000,
-                         test_subset=1000, latency=False, out=str(out)).validate()
-    outcome = train_run(config, progress=False)
-    return outcome
+    Trained once per test session, not once per xdist worker (36 s on one thread): the first
+    worker to need it trains it under a file lock in the directory all workers share, the
+    others read the finished run."""
+    from filelock import FileLock
+
+    from leancnn.experiment import train_run
+    from leancnn.runs import read_result
+
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's base is popen-gwN inside the session's; alone, the base is the session's.
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "fmnist-shared" / "run"
+    with FileLock(str(shared / "fmnist-shared.lock")):
+        if not (out / "result.json").is_file():
+            config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=2, train_subset=8000,
+                                 test_subset=1000, latency=False, out=str(out)).validate()
+            train_run(config, progress=False)
+    return SharedRun(out, read_result(out))
 
 
 @pytest.fixture(scope="session")

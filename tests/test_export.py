@@ -50,49 +50,36 @@ def fresh_images(run_dir, count: int) -> torch.Tensor:
 
 
 def test_pt2_runs_in_a_process_without_leancnn_and_matches_the_run(psconv_run, tmp_path, capsys):
+    """ViP on the PS4_P4 run's stem, so that one package (AOTInductor compiles for ~40 s) holds both
+    kinds of kernel call: leancnn::sparse_conv and leancnn::virtual_upsample, each through its C shim."""
+    vip = compress_run(psconv_run.run_dir, ["vip:layers=features.0"], epochs=0, out=tmp_path / "vip", progress=False,
+                       latency=False)
     out = tmp_path / "model.pt2"
-    assert main(["export", str(psconv_run.run_dir), "--format", "pt2", "--out", str(out)]) == 0
+    assert main(["export", str(vip.run_dir), "--format", "pt2", "--out", str(out)]) == 0
     card = json.loads((tmp_path / "model.pt2.card.json").read_text())
-    assert card["methods"] == psconv_run.result.methods and card["test_acc"] == psconv_run.result.test_acc
-    assert card["macs_effective"] == psconv_run.result.macs_effective and card["planned_for_batch"] == 1
-    if psconv_extension() is not None:   # the graph runs the sparse kernel, shipped beside the file
+    assert card["methods"] == vip.result.methods and [m.split(":")[0] for m in card["methods"]] == ["psconv", "vip"]
+    assert card["test_acc"] == vip.result.test_acc and card["planned_for_batch"] == 1
+    assert card["macs_effective"] == vip.result.macs_effective < psconv_run.result.macs_effective
+    if psconv_extension() is not None:   # the graph runs the kernels, shipped beside the file
         assert card["kernel_library"] == "model.pt2.kernels.so" and (tmp_path / card["kernel_library"]).is_file()
-        assert len(card["deploy_plan"]) == 21   # resnet20's 19 3x3 and 2 1x1 convolutions, each planned
-        # The compiled program calls the kernel's C shim, not AOTInductor's proxy executor (which
+        # resnet20's 19 3x3 and 2 1x1 convolutions, each planned, and the stem's upsampling
+        assert len(card["deploy_plan"]) == 22 and card["deploy_plan"][0]["key"].startswith("vip-upsample")
+        # The compiled program calls the kernels' C shims, not AOTInductor's proxy executor (which
         # boxes every argument of every call).
         with zipfile.ZipFile(out) as package:
             wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp"))
         assert "CHECK(aoti_torch_cpu_sparse_conv(" in wrapper and "proxy_executor_call_function" not in wrapper
-    images = fresh_images(psconv_run.run_dir, 5)      # another batch size than the one planned for
+        assert "CHECK(aoti_torch_cpu_virtual_upsample(" in wrapper
+    images = fresh_images(vip.run_dir, 5)      # another batch size than the one planned for
     save_tensors(tmp_path / "images.safetensors", {"images": images})
     done = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", "the loader imported leancnn"
     logits = load_tensors(tmp_path / "logits.safetensors")["logits"]
-    model, _ = load_run(psconv_run.run_dir)
+    model, _ = load_run(vip.run_dir)
     with torch.no_grad():
         expected = model(images)
     assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.skipif(psconv_extension() is None, reason="no C++ compiler: the kernels could not be built")
-def test_pt2_of_a_vip_model_calls_the_upsample_shim_and_matches_in_a_fresh_process(psconv_run, tmp_path):
-    """ViP on the PS4_P4 run's stem: the package calls leancnn::virtual_upsample through its C shim."""
-    vip = compress_run(psconv_run.run_dir, ["vip:layers=features.0"], epochs=0, out=tmp_path / "vip", progress=False,
-                       latency=False)
-    out = tmp_path / "model.pt2"
-    card = export_run(vip.run_dir, "pt2", out, log=lambda line: None)
-    with zipfile.ZipFile(out) as package:
-        wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith("wrapper.cpp"))
-    assert "CHECK(aoti_torch_cpu_virtual_upsample(" in wrapper and "proxy_executor_call_function" not in wrapper
-    images = fresh_images(vip.run_dir, 3)
-    save_tensors(tmp_path / "images.safetensors", {"images": images})
-    done = subprocess.run([sys.executable, "-c", LOADER, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    model, _ = load_run(vip.run_dir)
-    with torch.no_grad():
-        assert torch.allclose(load_tensors(tmp_path / "logits.safetensors")["logits"], model(images), atol=1e-5, rtol=1e-4)
-    assert card["kernel_library"] == "model.pt2.kernels.so"
 
 
 @pytest.mark.skipif(not onnx_available(), reason="needs the onnx extra")
