@@ -24,7 +24,7 @@ import torch
 from rich.table import Table
 
 from .compress import compress_run
-from .config import TrainConfig
+from .config import TrainConfig, to_toml
 from .data import load_dataset
 from .evaluate import attack_run
 from .experiment import ensure_run
@@ -41,6 +41,8 @@ from .measure.pareto import pareto_front
 from .report.table import console, fmt_bytes, fmt_count, fmt_pct
 from .report.plots import plot_front
 from .runs import load_run, read_result, save_result
+from .train.distributed import launch
+from .train.trainer import resolve_device
 
 # --quick (what `make demo` runs): about 4 minutes on 2 idle cores, real training on real data. Fewer
 # candidates (each method's first strength, methods with in_quick_bench) at enough epochs that the
@@ -77,6 +79,7 @@ class BenchPlan:
     cuts: list[str] = field(default_factory=list)
     quick: bool = False      # --quick: the notes say how far from a full bench it is
     finetune_epochs: int = 1  # post-training candidates: epochs of fine-tuning after compressing dense
+    nproc: int = 1            # > 1: each candidate trains (or fine-tunes) data-parallel under torchrun
 
 
 def default_candidates(method_names: list[str] | None = None, quick: bool = False) -> list[Candidate]:
@@ -146,15 +149,32 @@ def run_candidate(plan: BenchPlan, candidate: Candidate, out: Path, progress: bo
             raise LeancnnError(f"{candidate.label} compresses the dense run, which did not finish")
         if not (run_dir / "result.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)   # a killed compress starts again
-            compress_run(dense_dir, candidate.methods, epochs=plan.finetune_epochs, out=run_dir, progress=progress,
-                         latency=False)
+            if plan.nproc > 1:
+                methods = [part for spec in candidate.methods for part in ("--method", spec)]
+                launched(plan, candidate, ["compress", str(dense_dir), *methods, "--epochs", str(plan.finetune_epochs),
+                                           "--out", str(run_dir), "--no-latency", "--no-progress"])
+            else:
+                compress_run(dense_dir, candidate.methods, epochs=plan.finetune_epochs, out=run_dir,
+                             progress=progress, latency=False)
         return {"label": candidate.label, "run_dir": str(run_dir), **read_result(run_dir).as_dict()}
     config = TrainConfig(data=plan.data, data_dir=plan.data_dir, model=plan.model, width=plan.width,
                          methods=candidate.methods, epochs=plan.epochs, train_subset=plan.train_subset,
                          test_subset=plan.test_subset, seed=plan.seed, threads=plan.threads, latency=False,
                          out=str(run_dir)).validate()
+    if plan.nproc > 1 and not (run_dir / "result.json").is_file():
+        launch_config = out / "runs" / f"{run_dir.name}.launch.toml"
+        write_text(launch_config, to_toml(config))
+        resume = ["--resume"] if (run_dir / "checkpoint").is_dir() else []
+        launched(plan, candidate, ["train", "--config", str(launch_config), "--no-progress", *resume])
     result = ensure_run(config, progress=progress)
     return {"label": candidate.label, "run_dir": str(run_dir), **result.as_dict()}
+
+
+def launched(plan: BenchPlan, candidate: Candidate, argv: list[str]) -> None:
+    """`leancnn ARGV` on plan.nproc processes (torchrun); a failure is the candidate's."""
+    code = launch(plan.nproc, argv, "auto", resolve_device("auto"))
+    if code != 0:
+        raise LeancnnError(f"{candidate.label}: `leancnn {argv[0]}` on {plan.nproc} processes exited with {code}")
 
 
 LATENCY_ROUNDS = 5   # rounds of timing that take turns between the candidates

@@ -19,6 +19,8 @@ from .measure.latency import machine
 from .methods import Method, parse_method
 from .runs import RunResult, load_run_with_methods, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate, hold_out
+from .train.distributed import Ranks, barrier, join_process_group, leave_process_group
+from .train.trainer import resolve_device
 
 SELECTION_IMAGES = 2000  # held out of the training set to choose layers, so the test set stays unseen
 
@@ -71,9 +73,23 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     config = load_config(run_dir / "config.toml")
     for method in new_methods:
         method.check_training(config)   # fine-tuning trains with the run's config
+    ranks, created_group = join_process_group(config.backend, resolve_device(config.device))
+    try:
+        return _compress(run_dir, new_methods, model, architecture, existing, config, ranks, epochs=epochs,
+                         out=out, lr=lr, progress=progress, latency=latency)
+    finally:
+        leave_process_group(created_group)
+
+
+def _compress(run_dir: Path, new_methods: list[Method], model: nn.Module, architecture: dict[str, Any],
+              existing: list[Method], config: TrainConfig, ranks: Ranks, *, epochs: int, out: Path | None,
+              lr: float | None, progress: bool, latency: bool) -> RunOutcome | None:
+    """compress_run's work. Under torchrun every rank compresses the same way (the methods decide
+    from the same data and weights) and fine-tunes its share; rank 0 alone writes."""
     dataset = prepare_data(config)
     train_split, selection_images, selection_labels = split_selection(dataset, config.seed)
-    context = CompressSession(train_split, config, selection_images, selection_labels, existing, progress)
+    context = CompressSession(train_split, config, selection_images, selection_labels, existing, progress,
+                              log=print if ranks.main else (lambda line: None))
     before = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size).top1
     resolved: list[str] = []
     for method in new_methods:
@@ -86,10 +102,28 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
     compressed = evaluate(model, dataset.test_images, dataset.test_labels, batch_size=config.eval_batch_size).top1
     if out is None:
         raise LeancnnError("give --out for the compressed run")
-    out.mkdir(parents=True, exist_ok=True)
-    new_config = replace(config, methods=config.methods + resolved, out=str(out))
-    write_text(out / "config.toml", to_toml(new_config))
+    barrier()   # every rank has checked --out before rank 0 writes there
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        new_config = replace(config, methods=config.methods + resolved, out=str(out))
+        write_text(out / "config.toml", to_toml(new_config))
     model = context.finetune(model, epochs, lr).cpu()
+    if not ranks.main:
+        barrier()   # rank 0 finalises, measures and writes
+        return RunOutcome(out, None, model)
+    try:
+        return _settle_and_write(run_dir, out, model, context, new_methods, existing, resolved, architecture,
+                                 {"finetune_epochs": epochs, "test_acc_original": before,
+                                  "test_acc_before_finetune": compressed}, latency)
+    finally:
+        barrier()
+
+
+def _settle_and_write(run_dir: Path, out: Path, model: nn.Module, context: CompressSession, new_methods: list[Method],
+                      existing: list[Method], resolved: list[str], architecture: dict[str, Any],
+                      notes: dict[str, Any], latency: bool) -> RunOutcome:
+    """The compressed, fine-tuned model settled by its new methods, measured, and written to `out`."""
+    config, dataset = context.config, context.dataset
     for method in context.methods[len(existing):]:
         # The new methods settle as after training (ADMM projects if no epoch did; a run
         # fine-tuned for 0 epochs must still satisfy its constraints).
@@ -103,8 +137,7 @@ def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | No
                        epochs=parent.epochs, seed=parent.seed, test_acc=test.top1, test_top5=test.top5, robust=robust,
                        train_seconds=parent.train_seconds, versions={**versions(), "machine": machine()},
                        extra=settings)
-    result.extra["compress"] = {"from": str(run_dir), "finetune_epochs": epochs, "test_acc_original": before,
-                          "test_acc_before_finetune": compressed, **context.notes}
+    result.extra["compress"] = {"from": str(run_dir), **notes, **context.notes}
     measure_into(result, model, dataset.input_shape, latency=latency)
     write_model(out, model, new_architecture)
     write_log(out, context.epochs_log)

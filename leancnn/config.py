@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .spec import check_value
 
 Schedule = Literal["onecycle", "cosine", "step"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Backend = Literal["auto", "gloo", "nccl", "mpi", "ucc"]
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
@@ -49,7 +51,14 @@ class TrainConfig:
     test_subset: int | None = option(None, "evaluate on this many images")
     seed: int = option(0, "random seed (data order, init, augmentation)")
     device: str = option("auto", "auto, cpu or cuda")
-    threads: int = option(0, "CPU threads (0 = all)")
+    threads: int = option(0, "CPU threads per process (0 = all, or under torchrun its OMP_NUM_THREADS)")
+    precision: Precision = option("fp32", "training arithmetic: fp32, or autocast to bf16 (CPU or CUDA) or fp16 (CUDA, "
+                                          "with loss scaling)")
+    backend: Backend = option("auto", "process-group backend under torchrun (auto: NCCL on CUDA, gloo on CPU)")
+    # Off by default: on 2 CPU ranks over gloo the 38 collectives a resnet20 step adds halved the
+    # throughput (benchmarks/ddp_throughput.py); per-rank statistics are DDP's default too.
+    sync_batchnorm: bool = option(False, "under torchrun: batch norm in training normalises with the global batch's "
+                                         "statistics, as one process does (exact, slower), not each rank's")
     # None = auto: on for CUDA; off for CPU training, where contiguous measured
     # 1.2x faster for resnet20 on this project's 2-core machines.
     channels_last: bool | None = option(None, "channels-last memory format (default: on for CUDA only)")

@@ -14,6 +14,8 @@ layers; deploy works on a copy.
 """
 from __future__ import annotations
 
+import warnings
+
 import copy
 
 import torch
@@ -127,6 +129,11 @@ def deploy(model: nn.Module, kernels: bool = True, example_inputs: list[torch.Te
     the whole model run eager or as a frozen TorchScript graph, whichever measured
     faster for the input (`graph`: auto, eager or torchscript; leancnn.kernels.graph).
     `example_inputs`: inputs to plan for now rather than at their first use."""
+    if any(tensor.is_cuda for tensor in model.parameters()):
+        # The kernels and their plans are CPU code: on a GPU the deployed model stays dense.
+        warnings.warn("leancnn.deploy: the inference kernels are CPU-only; on CUDA the deployed model is the dense "
+                      "one with batch norm folded (move the model to the CPU for the kernels)", stacklevel=2)
+        return fold_batchnorm(model)
     model = swap_circulant_layers(fold_batchnorm(model))
     if not kernels:
         return model

@@ -21,12 +21,14 @@ from .methods import Method, apply_methods, parse_method
 from .models import MODELS, create_model
 from .runs import RunResult, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
+from .train.distributed import Ranks, barrier, join_process_group, leave_process_group
+from .train.trainer import resolve_device
 
 
 @dataclass
 class RunOutcome:
     run_dir: Path
-    result: RunResult
+    result: RunResult | None   # None on the ranks of a distributed run other than rank 0
     model: nn.Module
 
 
@@ -85,9 +87,21 @@ def robust_figures(methods: list[Method], model: nn.Module, dataset: ImageDatase
 
 def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = True,
               on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    """Train `config` into its run directory. Under torchrun every rank trains its share and only
+    rank 0 writes (the directory, checkpoints, log, model, result, runs.db) and measures;
+    `on_epoch` is called on every rank (a caller that prints checks `current_ranks().main`)."""
     MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
     for spec in config.methods:
         parse_method(spec).check_training(config)
+    ranks, created_group = join_process_group(config.backend, resolve_device(config.device))
+    try:
+        return _train_run(config, ranks, resume, progress, on_epoch)
+    finally:
+        leave_process_group(created_group)
+
+
+def _train_run(config: TrainConfig, ranks: Ranks, resume: bool, progress: bool,
+               on_epoch: Callable[[dict[str, Any]], None] | None) -> RunOutcome:
     run_dir = config.run_dir()
     if run_dir.exists() and (run_dir / "result.json").exists() and not resume:
         raise LeancnnError(f"{run_dir}: a finished run is already there; choose another --out or delete it")
@@ -95,15 +109,34 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
         raise LeancnnError(f"{run_dir}: this run already finished; nothing to resume")
     if run_dir.exists() and not resume and (run_dir / "checkpoint").exists():
         raise LeancnnError(f"{run_dir}: holds an unfinished run; continue it with --resume or choose another --out")
+    barrier()   # every rank has checked the directory before rank 0 writes into it
     dataset = prepare_data(config)
     model, methods, architecture = build_model(config, dataset)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.toml", to_toml(config))
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "config.toml", to_toml(config))
+
+    def epoch_done(entry: dict[str, Any]) -> None:   # on every rank, after rank 0's checkpoint
+        if ranks.main:
+            write_log(run_dir, trainer.state.log)
+        if on_epoch:
+            on_epoch(entry)
+
     trainer = Trainer(model, dataset, config, methods=methods, checkpoint_dir=run_dir / "checkpoint",
-                      progress=progress, on_epoch=lambda entry: (write_log(run_dir, trainer.state.log),
-                                                                 on_epoch and on_epoch(entry)))
+                      progress=progress, on_epoch=epoch_done, ranks=ranks)
     state = trainer.fit(resume=resume)
     model = trainer.model
+    if not ranks.main:
+        barrier()   # rank 0 finalises, measures and writes; the others wait for it, then leave
+        return RunOutcome(run_dir, None, model)
+    try:
+        return _finish_run(config, run_dir, dataset, model, methods, architecture, state)
+    finally:
+        barrier()
+
+
+def _finish_run(config: TrainConfig, run_dir: Path, dataset: ImageDataset, model: nn.Module, methods: list[Method],
+                architecture: dict[str, Any], state) -> RunOutcome:
     for method in methods:
         model = method.finalize(model)
     # A method may settle its options at the end (dnr's channel mode records the widths it left).

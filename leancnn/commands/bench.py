@@ -53,6 +53,9 @@ class Bench(Command):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--threads", type=int, default=0,
                             help="CPU threads for training and latency (0 = all)")
+        parser.add_argument("--nproc", type=int, default=1,
+                            help="train (and fine-tune) each candidate data-parallel on this many processes, each "
+                                 "under torchrun as `leancnn train --nproc` does (default 1: in this process)")
         parser.add_argument("--out", default="bench", help="output folder (default bench/)")
         parser.add_argument("--json", action="store_true")
         parser.add_argument("--no-progress", action="store_true")
@@ -62,6 +65,8 @@ class Bench(Command):
         budget = Budget.parse(args.budget, args.batch) if args.budget else None   # bad budgets fail before training
         if budget is None and args.batch not in BATCHES:
             raise LeancnnError(f"--batch: candidates are timed at batch {' and '.join(map(str, BATCHES))}, got {args.batch}")
+        if args.nproc < 1:
+            raise LeancnnError(f"--nproc must be >= 1 (processes on this machine), got {args.nproc}")
         quick = QUICK if args.quick else {}
         model = args.model or quick.get("model", "resnet20")
         MODELS.get(model)
@@ -73,7 +78,8 @@ class Bench(Command):
                          epochs=args.epochs or quick.get("epochs", 5),
                          train_subset=args.train_subset or quick.get("train_subset"),
                          test_subset=args.test_subset or quick.get("test_subset"), candidates=candidates,
-                         seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch)
+                         seed=args.seed, data_dir=args.data_dir, threads=args.threads, profile_batch=args.batch,
+                         nproc=args.nproc)
         if args.max_minutes:
             train_size = len(load_dataset(args.data, args.data_dir).train_labels)
             fit_time(plan, args.max_minutes, train_size)

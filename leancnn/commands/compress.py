@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 
 from ..compress import compress_run
+from ..config import load_config
+from ..train.distributed import launch, without_flag
+from ..train.trainer import resolve_device
 from ..report.table import print_result
 from .base import Command, print_json, register_command
 
@@ -25,13 +28,19 @@ class Compress(Command):
         parser.add_argument("--out", default=None, help="new run directory")
         parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
         parser.add_argument("--json", action="store_true")
+        parser.add_argument("--nproc", type=int, default=None,
+                            help="fine-tune data-parallel on this many processes (runs this command under torchrun, "
+                                 "as `leancnn train --nproc` does)")
         parser.add_argument("--no-progress", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else None
+        if args.nproc is not None and args.nproc != 1:
+            config = load_config(Path(args.run) / "config.toml")
+            return launch(args.nproc, without_flag(args.argv, "--nproc"), config.backend, resolve_device(config.device))
         outcome = compress_run(Path(args.run), args.methods, epochs=args.epochs, out=out, lr=args.lr,
                                progress=not args.no_progress, latency=not args.no_latency)
-        if outcome is None:
+        if outcome is None or outcome.result is None:   # only reported, or a rank other than 0
             return 0
         result = outcome.result
         if args.json:

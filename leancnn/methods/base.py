@@ -106,6 +106,10 @@ class Method:
         of a run is written (and before `leancnn compress` fine-tunes)."""
 
     # -- training hooks ----------------------------------------------------
+    def check_distributed(self, world: int) -> None:
+        """Raise ConfigError, before training, if the method cannot train on `world` ranks. Every
+        method here can: the trainer checks after each epoch that all ranks hold the same state."""
+
     def before_training(self, trainer: TrainingContext) -> None:
         """Called when `fit` starts, on a resume too (after the checkpoint is restored)."""
 

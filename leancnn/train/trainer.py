@@ -1,7 +1,9 @@
 """The Trainer: SGD with Nesterov momentum, schedules, label smoothing, method
-hooks, per-epoch atomic checkpoints and exact resume."""
+hooks, per-epoch atomic checkpoints and exact resume, in one process or data-parallel
+over the ranks of a torchrun launch (leancnn.train.distributed)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -12,12 +14,14 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..data import BatchLoader, ImageDataset
-from ..errors import TrainingDiverged
+from ..data import BatchLoader, ImageDataset, shard_bounds
+from ..errors import ConfigError, TrainingDiverged
 from ..methods import Method
-from .checkpoint import (load_checkpoint, load_optimizer_tensors, model_state, save_checkpoint,
+from .checkpoint import (load_checkpoint, load_optimizer_tensors, model_state, optimizer_tensors, save_checkpoint,
                          tensors_of_method)
 from ..progress import progress_bar
+from .distributed import (GlobalBatchNorm, Ranks, all_reduce_gradients, all_reduce_sum, broadcast_object,
+                          broadcast_tensors, current_ranks, gather_objects, tensors_digest)
 from .schedules import learning_rate
 
 
@@ -45,9 +49,14 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500,
-             device: torch.device | None = None, channels_last: bool = False) -> EvalResult:
-    """Top-1, top-5 (None under 5 classes) and mean loss; uint8 or [0, 1] float images."""
+             device: torch.device | None = None, channels_last: bool = False, ranks: Ranks | None = None) -> EvalResult:
+    """Top-1, top-5 (None under 5 classes) and mean loss; uint8 or [0, 1] float images. With
+    `ranks` of a distributed run, each rank evaluates its slice and the counts are summed."""
     device = device or next(model.parameters()).device
+    full_count = len(labels)
+    if ranks is not None and ranks.active:
+        start, end = shard_bounds(full_count, ranks.rank, ranks.world)
+        images, labels = images[start:end], labels[start:end]
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -68,6 +77,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
         correct5 += (top == target[:, None]).any(dim=1).sum().item()
     model.train(was_training)
     count = len(labels)
+    if ranks is not None and ranks.active:
+        correct1, correct5, loss_sum = all_reduce_sum([correct1, correct5, loss_sum], device)
+        count = full_count
     return EvalResult(correct1 / max(count, 1), correct5 / max(count, 1) if (num_classes or 0) >= 5 else None,
                       loss_sum / max(count, 1), count)
 
@@ -93,16 +105,28 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset: ImageDataset, config: TrainConfig, *,
                  methods: list[Method] | None = None, checkpoint_dir: Path | None = None,
-                 progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 ranks: Ranks | None = None) -> None:
         self.config = config
+        self.ranks = ranks or current_ranks()
         self.methods = methods or []
         # Training images a method keeps out of training to choose by (the dynamic method's search).
         self.dataset, self.holdout = hold_out(dataset, max((m.holdout_images(len(dataset.train_labels))
                                                             for m in self.methods), default=0), config.seed + 13)
         self.checkpoint_dir = checkpoint_dir
-        self.progress = progress
+        self.progress = progress and self.ranks.main
         self.on_epoch = on_epoch
         self.device = resolve_device(config.device)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision 'fp16' needs CUDA (loss scaling against fp16 underflow); on CPU use bf16 or fp32")
+        if self.ranks.active and config.batch_size < self.ranks.world:
+            raise ConfigError(f"batch_size {config.batch_size} is smaller than the {self.ranks.world} ranks: "
+                              "each rank needs at least one image per step")
+        if self.ranks.active:
+            for method in self.methods:
+                method.check_distributed(self.ranks.world)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         channels_last = config.channels_last if config.channels_last is not None else self.device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -112,7 +136,8 @@ class Trainer:
         self.loader = BatchLoader(
             dataset.train_images, dataset.train_labels, config.batch_size, shuffle=True,
             crop_padding=dataset.crop_padding if config.augment else 0,
-            horizontal_flip=dataset.horizontal_flip and config.augment, seed=config.seed, drop_last=False)
+            horizontal_flip=dataset.horizontal_flip and config.augment, seed=config.seed, drop_last=False,
+            shard=(self.ranks.rank, self.ranks.world))
         self.state = TrainState()
         self.total_steps = len(self.loader) * config.epochs
 
@@ -132,7 +157,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------
     def _save(self) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or not self.ranks.main:
             return
         info = {"step": self.state.step, "seconds": self.state.seconds, "log": self.state.log,
                 "methods": [m.state_dict() for m in self.methods]}
@@ -168,11 +193,22 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         if resume:
             self._restore()
+        if self.ranks.active:   # every rank starts from rank 0's weights, whatever its initialisation did
+            broadcast_tensors(self.model.state_dict().values())
         for method in self.methods:  # also on resume: methods set up what they need for the next steps
             method.before_training(self)
         for epoch in range(self.state.epoch, self.config.epochs):
             self._train_epoch(epoch)
         return self.state
+
+    def step_context(self) -> contextlib.ExitStack:
+        """Autocast at the configured precision, and global batch statistics across ranks."""
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.ranks.active and self.config.sync_batchnorm:
+            stack.enter_context(GlobalBatchNorm())
+        return stack
 
     def _train_epoch(self, epoch: int) -> None:
         self.model.train()
@@ -181,29 +217,46 @@ class Trainer:
         loss_sum = 0.0
         seen = 0
         description = f"epoch {epoch + 1}/{self.config.epochs}"
+        global_sizes = self.loader.global_batch_sizes()
         with progress_bar(len(self.loader), description, enabled=self.progress) as advance:
-            for images, labels in self.loader:
+            for batch_number, (images, labels) in enumerate(self.loader):
+                if self.device.type == "cuda":
+                    images, labels = images.pin_memory(), labels.pin_memory()
                 images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
                 labels = labels.to(self.device, non_blocking=True)
                 lr = self.lr_at(self.state.step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss = self.compute_loss(images, labels)
+                # Random draws inside a step (attack starts, sampled sub-networks) come from a
+                # generator seeded by the step: the same on every rank, and after a resume.
+                torch.manual_seed(self.config.seed * 1_000_003 + self.state.step)
+                with self.step_context():
+                    loss = self.compute_loss(images, labels)
+                # Each rank's mean loss weighted by its share of the global batch: the summed
+                # gradients are then the global batch's mean-loss gradients.
+                share = len(labels) / global_sizes[batch_number]
+                self.optimizer.zero_grad(set_to_none=True)
+                weighted = loss.float() * share
+                (self.scaler.scale(weighted) if self.scaler else weighted).backward()
                 loss_value = loss.item()
+                if self.ranks.active:   # the global batch's mean loss comes with the gradients
+                    loss_value, = all_reduce_gradients(self.params, [loss_value * share])
                 if not math.isfinite(loss_value):
                     kept = f"the last good checkpoint (epoch {self.state.epoch}) is kept in {self.checkpoint_dir}" \
                         if self.checkpoint_dir and self.state.epoch else "no checkpoint was written yet"
                     raise TrainingDiverged(
                         f"loss became {loss_value} at epoch {epoch + 1}, step {self.state.step}; {kept}; "
                         f"try a lower lr (now {self.config.lr})")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 for method in self.methods:
                     method.after_step(self)
                 self.state.step += 1
-                loss_sum += loss_value * len(labels)
-                seen += len(labels)
+                loss_sum += loss_value * global_sizes[batch_number]
+                seen += global_sizes[batch_number]
                 elapsed = time.perf_counter() - started
                 advance(f"loss {loss_value:.3f}  {seen / max(elapsed, 1e-9):.0f} img/s")
         seconds = time.perf_counter() - started
@@ -214,13 +267,42 @@ class Trainer:
                                  "images_per_second": round(seen / max(seconds, 1e-9), 1)}
         test = evaluate(self.model, self.dataset.test_images, self.dataset.test_labels,
                         batch_size=self.config.eval_batch_size, device=self.device,
-                        channels_last=self.memory_format == torch.channels_last)
+                        channels_last=self.memory_format == torch.channels_last, ranks=self.ranks)
         entry.update(test_acc=test.top1, test_top5=test.top5, test_loss=test.loss)
         for method in self.methods:
             extra = method.after_epoch(self, epoch)
             if extra:
                 entry.update(extra)
+        if self.ranks.active:
+            entry.update(self._agree_across_ranks())
         self.state.log.append(entry)
         self._save()
         if self.on_epoch:
             self.on_epoch(entry)
+
+    def _state_digests(self) -> dict[str, str]:
+        digests = {"model": tensors_digest(self.model.state_dict().values()),
+                   "optimizer": tensors_digest(optimizer_tensors(self.optimizer, self.params).values())}
+        for index, method in enumerate(self.methods):
+            tensors = method.state_tensors()
+            digests[f"method {index} ({method.name})"] = tensors_digest(tensors[k] for k in sorted(tensors)) + \
+                repr(sorted(method.state_dict().items()))
+        return digests
+
+    def _agree_across_ranks(self) -> dict[str, Any]:
+        """Checks that every rank holds the same weights, optimizer buffers and method state after
+        an epoch. Where a part differs (a method deciding from something rank-local), rank 0's is
+        broadcast to all, and the log names the part, so that the difference is seen, not hidden."""
+        mine = self._state_digests()
+        every = gather_objects(mine)
+        differing = [part for part in mine if len({digests[part] for digests in every}) > 1]
+        if not differing:
+            return {}
+        broadcast_tensors(self.model.state_dict().values())
+        broadcast_tensors(optimizer_tensors(self.optimizer, self.params).values())
+        for index, method in enumerate(self.methods):
+            state, tensors = broadcast_object((method.state_dict(), {k: v.cpu() for k, v in method.state_tensors().items()}))
+            if not self.ranks.main:
+                method.load_state_dict(state)
+                method.load_state_tensors(tensors)
+        return {"ranks_disagreed": differing}
