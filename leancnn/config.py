@@ -31,7 +31,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 class TrainConfig:
     data: str = option("fashion-mnist", "dataset name (see `leancnn datasets`)")
     data_dir: str | None = option(None, "folder holding the dataset files")
-    model: str = option("resnet20", "model name (see `leancnn models`)")
+    model: str = option("resnet20", "model name (see `leancnn models`), or your own: FILE.py:FUNCTION or "
+                                    "package.module:FUNCTION (called with num_classes, in_channels, ... it accepts)")
     width: float = option(1.0, "channel width multiplier")
     methods: list[str] = option(factory=list, help="method specs, applied in order (see `leancnn methods`)")
     epochs: int = option(10, "training epochs")
@@ -90,7 +91,10 @@ class TrainConfig:
         if self.out:
             return Path(self.out)
         methods = "".join("-" + re.sub(r"[^A-Za-z0-9_.=]+", "_", m) for m in self.methods)
-        return Path("runs") / f"{self.model}-w{self.width:g}{methods}-{self.data}-s{self.seed}"
+        # A user model (dir/net.py:build) is named by its file's stem and function.
+        where, _, function = self.model.rpartition(":")
+        model = f"{Path(where).stem}.{function}" if where else self.model
+        return Path("runs") / f"{model}-w{self.width:g}{methods}-{self.data}-s{self.seed}"
 
 
 def config_fields() -> dict[str, Any]:

@@ -18,7 +18,7 @@ from .deploy import deploy, deploy_plan
 from .measure import count, latency_table, parse_attack, robust_accuracy
 from .measure.latency import machine
 from .methods import Method, apply_methods, parse_method
-from .models import MODELS, create_model
+from .models import check_model_name, create_model, is_user_model, user_model_source
 from .runs import RunResult, read_result, save_result, versions, write_log, write_model
 from .train import Trainer, evaluate
 from .train.distributed import Ranks, barrier, join_process_group, leave_process_group
@@ -51,6 +51,8 @@ def build_model(config: TrainConfig, dataset: ImageDataset) -> tuple[nn.Module, 
     model, methods = apply_methods(model, config.methods)
     architecture = {"model": config.model, "model_kwargs": kwargs, "methods": [m.spec() for m in methods],
                     "input_shape": list(dataset.input_shape)}
+    if is_user_model(config.model):   # a run reloads only with the code that trained it
+        architecture["model_source"] = user_model_source(config.model)
     return model, methods, architecture
 
 
@@ -90,7 +92,7 @@ def train_run(config: TrainConfig, *, resume: bool = False, progress: bool = Tru
     """Train `config` into its run directory. Under torchrun every rank trains its share and only
     rank 0 writes (the directory, checkpoints, log, model, result, runs.db) and measures;
     `on_epoch` is called on every rank (a caller that prints checks `current_ranks().main`)."""
-    MODELS.get(config.model), DATASETS.get(config.data)  # unknown names fail before any work
+    check_model_name(config.model), DATASETS.get(config.data)  # unknown names fail before any work
     for spec in config.methods:
         parse_method(spec).check_training(config)
     ranks, created_group = join_process_group(config.backend, resolve_device(config.device))

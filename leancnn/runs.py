@@ -22,7 +22,7 @@ from torch import nn
 from .errors import LeancnnError, first_line
 from .io import load_tensors, read_json_file, save_tensors, write_json, write_text
 from .methods import apply_methods
-from .models import create_model
+from .models import check_user_model_source, create_model, reload_reference
 from .version import __version__
 
 DB_NAME = "runs.db"
@@ -92,9 +92,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return content
 
 
-def build_architecture(architecture: dict[str, Any]) -> tuple[nn.Module, list]:
-    """Rebuild a model (methods applied) from model.json's description."""
-    model = create_model(architecture["model"], **architecture["model_kwargs"])
+def build_architecture(architecture: dict[str, Any], described_in: Path | None = None) -> tuple[nn.Module, list]:
+    """Rebuild a model (methods applied) from model.json's description; a user model only from
+    the source file that trained it (its SHA-256 is recorded)."""
+    name = architecture["model"]
+    source = architecture.get("model_source")
+    if source is not None:
+        check_user_model_source(source, described_in or Path("model.json"))
+        name = reload_reference(source)
+    model = create_model(name, **architecture["model_kwargs"])
     return apply_methods(model, architecture.get("methods", []))
 
 
@@ -111,7 +117,7 @@ def load_run_with_methods(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any
     path = run_dir / "model.json"
     architecture = read_json(path)
     try:
-        model, methods = build_architecture(architecture)
+        model, methods = build_architecture(architecture, path)
     except (KeyError, TypeError) as exc:
         raise LeancnnError(f"{path}: not a leancnn model description ({type(exc).__name__}: {exc})") from None
     weights = run_dir / "model.safetensors"

@@ -10,7 +10,7 @@ from ..errors import LeancnnError
 from ..report.budget import BATCHES, Budget
 from ..data import DATASETS, load_dataset
 from ..methods import parse_method
-from ..models import MODELS
+from ..models import check_model_name
 from .base import Command, print_json, register_command
 
 
@@ -69,7 +69,7 @@ class Bench(Command):
             raise LeancnnError(f"--nproc must be >= 1 (processes on this machine), got {args.nproc}")
         quick = QUICK if args.quick else {}
         model = args.model or quick.get("model", "resnet20")
-        MODELS.get(model)
+        check_model_name(model)
         candidates = default_candidates(args.methods, quick=args.quick)
         for candidate in candidates:
             for spec in candidate.methods:
