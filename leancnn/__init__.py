@@ -1,6 +1,7 @@
 """leancnn: make convolutional networks cheaper to run, and prove it with honest measurements."""
 from .version import __version__  # noqa: E402
 
+from .compress import compress  # noqa: E402  (the function shadows the submodule name on purpose)
 from .deploy import deploy, deploy_plan  # noqa: E402  (the function shadows the submodule name on purpose)
 from .export import export_run  # noqa: E402
 from .measure import count as profile  # noqa: E402
@@ -15,4 +16,4 @@ def apply_method(model, spec: str):
     return model
 
 
-__all__ = ["__version__", "apply_method", "deploy", "deploy_plan", "export_run", "apply_methods", "create_model", "parse_method", "profile", "profile_model"]
+__all__ = ["__version__", "apply_method", "compress", "deploy", "deploy_plan", "export_run", "apply_methods", "create_model", "parse_method", "profile", "profile_model"]

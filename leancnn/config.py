@@ -56,8 +56,8 @@ class TrainConfig:
     precision: Precision = option("fp32", "training arithmetic: fp32, or autocast to bf16 (CPU or CUDA) or fp16 (CUDA, "
                                           "with loss scaling)")
     backend: Backend = option("auto", "process-group backend under torchrun (auto: NCCL on CUDA, gloo on CPU)")
-    # Off by default: on 2 CPU ranks over gloo the 38 collectives a resnet20 step adds halved the
-    # throughput (benchmarks/ddp_throughput.py); per-rank statistics are DDP's default too.
+    # Off by default: on 2 CPU ranks over gloo the 38 collectives a resnet20 step adds cut the
+    # throughput to 0.62x (benchmarks/ddp_throughput.py); per-rank statistics are DDP's default too.
     sync_batchnorm: bool = option(False, "under torchrun: batch norm in training normalises with the global batch's "
                                          "statistics, as one process does (exact, slower), not each rank's")
     # None = auto: on for CUDA; off for CPU training, where contiguous measured

@@ -46,7 +46,8 @@ NOT_APPLICABLE = {
     ("vip", "lenet5"): NO_VIP_BLOCK,
     ("circulant", "lenet5"): NO_CIRCULANT_LAYER,
     **{(method, model): CHANNEL_LAYOUT
-       for method in ("cap", "l1prune", "dnr-channel", "dynamic") for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
+       for method in ("cap", "l1prune", "dnr-channel", "dynamic")
+       for model in ("mobilenetv2", "shufflenetv2", "lenet5", "resnet50")},
     **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
 }
 

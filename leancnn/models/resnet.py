@@ -1,6 +1,6 @@
-"""ResNets: small-image ResNet18/34 (3x3 stem, no max-pool) and CIFAR-style
-ResNet20/32/56/110 (He et al., "Deep Residual Learning for Image Recognition",
-CVPR 2016)."""
+"""ResNets: small-image ResNet18/34 (3x3 stem, no max-pool), the bottleneck ResNet50 with the
+same stem, and CIFAR-style ResNet20/32/56/110 (He et al., "Deep Residual Learning for Image
+Recognition", CVPR 2016)."""
 from __future__ import annotations
 
 import torch
@@ -26,16 +26,40 @@ class BasicBlock(nn.Module):
         return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 down to `inner` channels, 3x3 (carrying the stride, as torchvision's v1.5 does), 1x1
+    up to `out_channels`; a 1x1 projection shortcut where the shape changes."""
+
+    def __init__(self, conv_layer: ConvLayer, in_channels: int, inner: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(conv_layer, in_channels, inner, 1)
+        self.conv2 = conv_bn(conv_layer, inner, inner, 3, stride)
+        self.conv3 = conv_bn(conv_layer, inner, out_channels, 1, relu=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = conv_bn(conv_layer, in_channels, out_channels, 1, stride, relu=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
 def _resnet(*, blocks: list[int], channels: list[int], stem_channels: int, num_classes: int,
-            in_channels: int, width: float, normalize: Normalize, conv_layer: ConvLayer) -> nn.Module:
+            in_channels: int, width: float, normalize: Normalize, conv_layer: ConvLayer,
+            expansion: int = 1) -> nn.Module:
+    """`expansion` 1: basic blocks of `channels` per stage; 4: bottleneck blocks whose inner width
+    is `channels` and output 4x that."""
     stem = scaled(stem_channels, width)
     layers: list[nn.Module] = [conv_bn(conv_layer, in_channels, stem, 3)]
     current = stem
     for stage, (count, base) in enumerate(zip(blocks, channels)):
-        out = scaled(base, width)
+        inner = scaled(base, width)
+        out = inner * expansion
         for index in range(count):
             stride = 2 if stage > 0 and index == 0 else 1
-            layers.append(BasicBlock(conv_layer, current, out, stride))
+            block = BasicBlock(conv_layer, current, out, stride) if expansion == 1 else \
+                Bottleneck(conv_layer, current, inner, out, stride)
+            layers.append(block)
             current = out
     model = Classifier(normalize, nn.Sequential(*layers), current, num_classes)
     init_weights(model)
@@ -50,6 +74,11 @@ def resnet18(**kw) -> nn.Module:
 @MODELS.register("resnet34")
 def resnet34(**kw) -> nn.Module:
     return _resnet(blocks=[3, 4, 6, 3], channels=[64, 128, 256, 512], stem_channels=64, **kw)
+
+
+@MODELS.register("resnet50")
+def resnet50(**kw) -> nn.Module:
+    return _resnet(blocks=[3, 4, 6, 3], channels=[64, 128, 256, 512], stem_channels=64, expansion=4, **kw)
 
 
 def _cifar_resnet(depth: int, **kw) -> nn.Module:
