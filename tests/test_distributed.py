@@ -191,3 +191,15 @@ def test_bf16_autocast_trains_on_cpu_with_fp32_master_weights(tmp_path):
     with trainer.step_context():   # what each training step runs under
         assert trainer.model(images).dtype == torch.bfloat16
     assert trainer.model(images).dtype == torch.float32
+
+
+def test_bench_refuses_torchrun_and_a_bad_nproc_with_one_line(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench"
+    assert main(["bench", "--data", "synthetic", "--nproc", "0", "--out", str(out)]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "--data", "synthetic", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "use `leancnn bench --nproc N`, not torchrun" in err and len(err.splitlines()) == 1
+    assert not out.exists()

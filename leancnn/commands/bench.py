@@ -11,6 +11,7 @@ from ..report.budget import BATCHES, Budget
 from ..data import DATASETS, load_dataset
 from ..methods import parse_method
 from ..models import check_model_name
+from ..train.distributed import launched_by_torchrun
 from .base import Command, print_json, register_command
 
 
@@ -67,6 +68,9 @@ class Bench(Command):
             raise LeancnnError(f"--batch: candidates are timed at batch {' and '.join(map(str, BATCHES))}, got {args.batch}")
         if args.nproc < 1:
             raise LeancnnError(f"--nproc must be >= 1 (processes on this machine), got {args.nproc}")
+        if launched_by_torchrun():
+            raise LeancnnError("leancnn bench runs in one process and starts each candidate's training under "
+                               "torchrun itself: use `leancnn bench --nproc N`, not torchrun")
         quick = QUICK if args.quick else {}
         model = args.model or quick.get("model", "resnet20")
         check_model_name(model)
