@@ -117,6 +117,15 @@ def main(out: Path) -> None:
     trainer.fit()
     facts["admm_log"] = trainer.state.log
     facts["admm_state"] = snapshots
+    # dynamic: its search (timed on the machine) runs on rank 0 alone and its choice reaches all.
+    dynamic = equal_config(methods=["dynamic:targets=1+0.5,random=1,candidates=4,holdout=32,recalibrate=32"],
+                           epochs=1, train_subset=128)
+    dataset = prepare_data(dynamic)
+    model, methods, _ = build_model(dynamic, dataset)
+    trainer = Trainer(model, dataset, dynamic, methods=methods, progress=False)
+    trainer.fit()
+    facts["dynamic_log"] = trainer.state.log
+    facts["dynamic_model"] = tensors_digest(trainer.model.state_dict().values())
     # The rank-local method: seen in the log, and rank 0's value everywhere after the epoch.
     local = equal_config(methods=["rank_local_test"], epochs=1)
     dataset = prepare_data(local)

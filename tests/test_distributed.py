@@ -79,6 +79,13 @@ def test_admm_variables_agree_across_ranks(two_ranks):
     assert all("ranks_disagreed" not in entry for entry in zero["admm_log"] + one["admm_log"])
 
 
+def test_the_dynamic_search_runs_on_rank_0_and_every_rank_takes_its_choice(two_ranks):
+    zero, one = facts(two_ranks, 0), facts(two_ranks, 1)
+    assert zero["dynamic_model"] == one["dynamic_model"]   # the sub-networks' widths and statistics
+    assert len(zero["dynamic_log"][-1]["dynamic_subnets"]) == 2 and "dynamic_subnets" not in one["dynamic_log"][-1]
+    assert all("ranks_disagreed" not in entry for entry in zero["dynamic_log"] + one["dynamic_log"])
+
+
 def test_a_rank_local_method_state_is_reported_and_replaced_by_rank_0s(two_ranks):
     for rank in (0, 1):
         seen = facts(two_ranks, rank)

@@ -110,6 +110,11 @@ class Method:
         """Raise ConfigError, before training, if the method cannot train on `world` ranks. Every
         method here can: the trainer checks after each epoch that all ranks hold the same state."""
 
+    def decides_on_rank_0(self, epoch: int, epochs: int) -> bool:
+        """True where this epoch's `after_epoch` decides from something rank-local (a latency
+        measurement): under torchrun rank 0 alone runs it and its model and state go to all ranks."""
+        return False
+
     def before_training(self, trainer: TrainingContext) -> None:
         """Called when `fit` starts, on a resume too (after the checkpoint is restored)."""
 

@@ -144,6 +144,9 @@ class Dynamic(Method):
         return loss
 
     # -- after training: the search ------------------------------------------------------------
+    def decides_on_rank_0(self, epoch: int, epochs: int) -> bool:
+        return epoch + 1 == epochs   # the search times latency: one rank measures, alone on the machine
+
     def after_epoch(self, trainer, epoch: int) -> dict[str, Any] | None:
         if epoch + 1 != trainer.config.epochs:
             return None

@@ -272,8 +272,11 @@ class Trainer:
                         batch_size=self.config.eval_batch_size, device=self.device,
                         channels_last=self.memory_format == torch.channels_last, ranks=self.ranks)
         entry.update(test_acc=test.top1, test_top5=test.top5, test_loss=test.loss)
-        for method in self.methods:
-            extra = method.after_epoch(self, epoch)
+        for index, method in enumerate(self.methods):
+            alone = self.ranks.active and method.decides_on_rank_0(epoch, self.config.epochs)
+            extra = method.after_epoch(self, epoch) if self.ranks.main or not alone else None
+            if alone:
+                self._take_rank_0s(index)
             if extra:
                 entry.update(extra)
         if self.ranks.active:
@@ -303,9 +306,16 @@ class Trainer:
             return {}
         broadcast_tensors(self.model.state_dict().values())
         broadcast_tensors(optimizer_tensors(self.optimizer, self.params).values())
-        for index, method in enumerate(self.methods):
-            state, tensors = broadcast_object((method.state_dict(), {k: v.cpu() for k, v in method.state_tensors().items()}))
-            if not self.ranks.main:
-                method.load_state_dict(state)
-                method.load_state_tensors(tensors)
+        for index in range(len(self.methods)):
+            self._take_rank_0s(index, model=False)
         return {"ranks_disagreed": differing}
+
+    def _take_rank_0s(self, index: int, model: bool = True) -> None:
+        """Rank 0's state of method `index` (and, with `model`, its weights and buffers) on every rank."""
+        if model:
+            broadcast_tensors(self.model.state_dict().values())
+        method = self.methods[index]
+        state, tensors = broadcast_object((method.state_dict(), {k: v.cpu() for k, v in method.state_tensors().items()}))
+        if not self.ranks.main:
+            method.load_state_dict(state)
+            method.load_state_tensors(tensors)
