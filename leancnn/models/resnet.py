@@ -10,6 +10,13 @@ from .common import Classifier, ConvLayer, Normalize, conv_bn, init_weights, sca
 from .registry import MODELS
 
 
+def shortcut(conv_layer: ConvLayer, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """The identity, or a 1x1 projection (with batch norm) where the block changes the shape."""
+    if stride != 1 or in_channels != out_channels:
+        return conv_bn(conv_layer, in_channels, out_channels, 1, stride, relu=False)
+    return nn.Identity()
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions; a 1x1 projection shortcut where the shape changes."""
 
@@ -17,9 +24,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = conv_bn(conv_layer, in_channels, out_channels, 3, stride)
         self.conv2 = conv_bn(conv_layer, out_channels, out_channels, 3, relu=False)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = conv_bn(conv_layer, in_channels, out_channels, 1, stride, relu=False)
+        self.shortcut = shortcut(conv_layer, in_channels, out_channels, stride)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,9 +40,7 @@ class Bottleneck(nn.Module):
         self.conv1 = conv_bn(conv_layer, in_channels, inner, 1)
         self.conv2 = conv_bn(conv_layer, inner, inner, 3, stride)
         self.conv3 = conv_bn(conv_layer, inner, out_channels, 1, relu=False)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = conv_bn(conv_layer, in_channels, out_channels, 1, stride, relu=False)
+        self.shortcut = shortcut(conv_layer, in_channels, out_channels, stride)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
