@@ -242,7 +242,8 @@ def test_deployed_dnr_model_predicts_like_the_trained_one(tmp_path, fashion_mnis
 
     # test_subset: the run's own evaluations (2 of them) need not see all 10,000; the check below does.
     config = TrainConfig(data="fashion-mnist", model="resnet20", width=0.5, epochs=1, train_subset=3000,
-                         test_subset=500, methods=["dnr:density=0.05,attack=none"], latency=False, out=str(tmp_path / "run")).validate()
+                         test_subset=500, methods=["dnr:density=0.05,attack=none"], latency=False,
+                         out=str(tmp_path / "run")).validate()
     train_run(config, progress=False)
     model, _ = load_run(tmp_path / "run")
     deployed = deploy(model, graph="eager")   # the layers here; the frozen graph: the method contract
