@@ -106,7 +106,7 @@ def main() -> None:
         f"DNR irregular (density {args.density})": train(args, "dnr-irregular", f"dnr:density={args.density},{attack}"),
         f"DNR channel (density {args.channel_density}, multiples of {args.channel_multiple})": train(
             args, "dnr-channel", f"dnr:density={args.channel_density},mode=channel,"
-                                 f"multiple={args.channel_multiple},{attack}"),
+                                 f"round_to={args.channel_multiple},{attack}"),
     }
     magprune = Path(args.out) / "magprune"
     if not (magprune / "result.json").is_file():

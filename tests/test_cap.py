@@ -8,10 +8,17 @@ import torch
 
 from leancnn.errors import ConfigError
 from leancnn.methods import apply_methods
-from leancnn.methods.cap import (Reconstruction, fold_batchnorm, insert_projections, merge_projections, retract,
+from leancnn.methods.cap import (Reconstruction, fold_groups, insert_projections, merge_projections, retract,
                                  stiefel_step)
-from leancnn.methods.channels import channel_groups
+from leancnn.methods.channel_graph import channel_graph
 from leancnn.models import MODELS, create_model
+
+from .test_channel_graph import Branchy, user_model
+
+
+def projectable(model):
+    graph = channel_graph(model)
+    return graph, [g for g in graph.groups if graph.projectable(g)]
 
 
 def trained_like(name: str) -> torch.nn.Module:
@@ -30,40 +37,34 @@ def test_folding_and_full_rank_permutation_merge_reproduce_the_model(name):
     model = trained_like(name)
     x = torch.rand(4, 1, 16, 16)
     reference = model(x)
-    groups = channel_groups(model)
-    folded = copy.deepcopy(model)
-    for group in groups:
-        fold_batchnorm(folded.get_submodule(group.producer))
+    graph, groups = projectable(model)
+    folded = fold_groups(copy.deepcopy(model), graph, groups)
     assert torch.allclose(folded(x), reference, atol=1e-4)
     # A permutation is orthonormal and commutes with ReLU and pooling: merging it must be exact.
     generator = torch.Generator().manual_seed(1)
-    projections = []
-    for group in groups:
-        width = folded.get_submodule(group.producer)[0].out_channels
-        projections.append(torch.eye(width)[:, torch.randperm(width, generator=generator)])
-    merged = merge_projections(copy.deepcopy(folded), groups, projections)
+    projections = [torch.eye(g.width)[:, torch.randperm(g.width, generator=generator)] for g in groups]
+    merged = merge_projections(copy.deepcopy(folded), graph, groups, projections, model)
     assert torch.allclose(merged(x), reference, atol=1e-4)
+    assert [type(m) for m in merged.modules()] == [type(m) for m in model.modules()]   # the same layer types
 
 
 @pytest.mark.parametrize("name", ["vgg11", "resnet20"])
 def test_merged_network_equals_the_projected_one_at_any_rank(name):
-    model = trained_like(name)
-    groups = channel_groups(model)
-    for group in groups:
-        fold_batchnorm(model.get_submodule(group.producer))
+    original = trained_like(name)
+    graph, groups = projectable(original)
+    model = fold_groups(copy.deepcopy(original), graph, groups)
     generator = torch.Generator().manual_seed(2)
-    projections = []
-    for group in groups:
-        width = model.get_submodule(group.producer)[0].out_channels
-        projections.append(torch.nn.Parameter(retract(torch.randn(width, max(1, width // 2), generator=generator))))
+    projections = [torch.nn.Parameter(retract(torch.randn(g.width, max(1, g.width // 2), generator=generator)))
+                   for g in groups]
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
-        projected = insert_projections(copy.deepcopy(model), groups, projections)(x)
-        merged_model = merge_projections(copy.deepcopy(model), groups, [p.detach() for p in projections])
+        projected = insert_projections(copy.deepcopy(model), graph, groups, projections)(x)
+        merged_model = merge_projections(copy.deepcopy(model), graph, groups, [p.detach() for p in projections],
+                                         original)
         merged = merged_model(x)
     assert torch.allclose(projected, merged, atol=1e-4)
     for group, projection in zip(groups, projections):
-        assert merged_model.get_submodule(group.producer)[0].out_channels == projection.shape[1]
+        assert merged_model.get_submodule(group.producer).out_channels == projection.shape[1]
 
 
 def test_stiefel_steps_keep_projections_orthonormal():
@@ -88,7 +89,7 @@ def test_compress_with_cap_meets_the_mac_target(synthetic_vgg, tmp_path, ranks):
     model, architecture = load_run(out)
     ranks_chosen = result.extra["compress"]["cap_ranks"]
     for producer, rank in ranks_chosen.items():
-        assert model.get_submodule(producer)[0].out_channels == rank
+        assert model.get_submodule(producer).out_channels == rank
     # This tiny 2-epoch model loses most of its accuracy when every layer is halved at once
     # (so does L1 pruning); one fine-tuning epoch must bring it well above chance (0.25).
     assert result.test_acc > 0.6
@@ -102,19 +103,41 @@ def test_cap_bad_options(spec, message):
         apply_methods(create_model("vgg11"), [spec])
 
 
-def test_cap_unknown_layout_fails_before_changes(tmp_path):
+def session():
     from leancnn.compress import CompressSession
     from leancnn.config import TrainConfig
     from leancnn.data import load_dataset
+
+    dataset = load_dataset("synthetic")
+    return CompressSession(dataset, TrainConfig(), dataset.test_images, dataset.test_labels, [], False)
+
+
+@pytest.mark.parametrize("spec", ["cap:macs=0.5", "l1prune:macs=0.5"])
+def test_an_untraceable_model_fails_in_compress_before_changes(spec):
     from leancnn.methods import parse_method
 
-    model = create_model("mobilenetv2", in_channels=1, width=0.25)
+    model = Branchy()
     before = copy.deepcopy(model.state_dict())
-    dataset = load_dataset("synthetic")
-    context = CompressSession(dataset, TrainConfig(), dataset.test_images, dataset.test_labels, [], False)
-    with pytest.raises(ConfigError, match="does not know"):
-        parse_method("cap:macs=0.5").compress(model, context)
+    with pytest.raises(ConfigError, match=r"cannot trace module gate \(Gate\)"):
+        parse_method(spec).compress(model, session())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS.names()) + ["user"])
+def test_cap_at_full_rank_is_exact_on_every_model(name):
+    """macs=1 keeps every rank whole; the start is then the identity and, with no optimisation
+    step, the merged network computes what the trained one does."""
+    from leancnn.methods import parse_method
+
+    model = (user_model() if name == "user" else trained_like(name)).eval()
+    shape = session().dataset.input_shape
+    x = torch.rand(4, *shape)
+    reference = model(x)
+    # coupled=select: the groups a projection cannot cross go through channel selection (of all of them)
+    compressed, _ = parse_method("cap:macs=1.0,steps=0,lr=0.01,coupled=select").compress(copy.deepcopy(model),
+                                                                                          session())
+    out = compressed.eval()(x)
+    assert torch.allclose(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max())), name
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -123,20 +146,16 @@ def test_identity_projections_reconstruct_every_layer_exactly(name):
     at every consumer (the targets come from the folded network, as the projected side has its
     batch norms folded too), on every registered model CaP supports."""
     model = trained_like(name)
-    try:
-        groups = channel_groups(model)
-    except ConfigError:
-        pytest.skip(f"channel surgery does not support {name}")
-    folded = copy.deepcopy(model)
-    for group in groups:
-        fold_batchnorm(folded.get_submodule(group.producer))
-    identities = [torch.eye(folded.get_submodule(g.producer)[0].out_channels) for g in groups]
-    objective = Reconstruction(folded, groups, identities)
+    graph, groups = projectable(model)
+    assert groups, name
+    folded = fold_groups(copy.deepcopy(model), graph, groups)
+    identities = [torch.eye(g.width) for g in groups]
+    objective = Reconstruction(folded, graph, groups, identities)
     x = torch.rand(4, 1, 16, 16)
     with torch.no_grad():
         logits, error = objective(x)
         assert float(error) < 1e-9 and torch.allclose(logits, model(x), atol=1e-4)
-        assert set(objective.targets) == {g.consumer for g in groups}   # every consumer is compared
+        assert set(objective.targets) == {c.module for g in groups for c in g.consumers}   # every consumer is compared
         assert all((t ** 2).mean() > 0 for t in objective.targets.values())
     objective.close()
 
@@ -149,20 +168,18 @@ def test_kernel_relax_moves_exactly_the_projected_layers_kernels(name):
     from leancnn.methods.cap import CaP, CaPOptions
 
     model = trained_like(name)
-    groups = channel_groups(model)
-    folded = copy.deepcopy(model)
-    for group in groups:
-        fold_batchnorm(folded.get_submodule(group.producer))
+    graph, groups = projectable(model)
+    folded = fold_groups(copy.deepcopy(model), graph, groups)
     dataset = load_dataset("synthetic")
     loader = BatchLoader(dataset.train_images[:256], dataset.train_labels[:256], 64, shuffle=True, seed=0)
-    layers = {g.consumer for g in groups} | {f"{g.producer}.0" for g in groups}
+    layers = {c.module for g in groups for c in g.consumers} | {g.producer for g in groups}
     before = {key: value.clone() for key, value in folded.state_dict().items()}
     for relax in (False, True):
         generator = torch.Generator().manual_seed(3)
-        projections = [torch.nn.Parameter(retract(torch.randn(folded.get_submodule(g.producer)[0].out_channels,
-                                                              2, generator=generator))) for g in groups]
+        projections = [torch.nn.Parameter(retract(torch.randn(g.width, 2, generator=generator))) for g in groups]
         start = [p.detach().clone() for p in projections]
-        optimised = CaP(CaPOptions(steps=3, relax=relax)).optimise(folded, groups, projections, loader, lr=0.05)
+        optimised = CaP(CaPOptions(steps=3, relax=relax)).optimise(folded, graph, groups, projections, loader,
+                                                                   lr=0.05)
         after = optimised.state_dict()
         moved = {key.rsplit(".", 1)[0] for key in before if not torch.equal(before[key], after[key])}
         assert moved == (layers if relax else set()), relax

@@ -32,7 +32,6 @@ from .deploy_checks import assert_deploy_matches
 
 # Channel surgery knows VGG chains and BasicBlock ResNets with batch norm only (the any-model issue
 # replaces it with a traced channel graph): these pairs stop before doing anything, with this reason.
-CHANNEL_LAYOUT = "channel surgery does not know (the layout|layer)"
 # pSConv converts dense 3x3 convolutions other than the stem: these have none (depthwise 3x3s; lenet5's 5x5s).
 NO_DENSE_3X3 = "no 3x3 convolution to convert"
 # ViP replaces a stride-1 3x3 convolution block: lenet5 has only 5x5 convolutions without batch norm.
@@ -45,9 +44,6 @@ NOT_APPLICABLE = {
     ("bcr", "shufflenetv2"): BLOCKS_DO_NOT_DIVIDE,
     ("vip", "lenet5"): NO_VIP_BLOCK,
     ("circulant", "lenet5"): NO_CIRCULANT_LAYER,
-    **{(method, model): CHANNEL_LAYOUT
-       for method in ("cap", "l1prune", "dnr-channel", "dynamic")
-       for model in ("mobilenetv2", "shufflenetv2", "lenet5", "resnet50")},
     **{("psconv", model): NO_DENSE_3X3 for model in ("mobilenetv2", "shufflenetv2", "lenet5")},
 }
 

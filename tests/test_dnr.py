@@ -88,8 +88,8 @@ def test_adversarial_dnr_trains_and_restores_train_mode(tmp_path):
     ("dnr:density=1.5", "density must be in \\(0, 1\\]"),
     ("dnr:beta=2", "beta must be in \\[0, 1\\]"),
     ("dnr:attack=cw", "unknown attack 'cw'; choose one of: none, apgd, apgd-t, autoattack, fgsm, pgd, square"),
-    ("dnr:mode=channel,multiple=0", "multiple must be a whole number >= 1"),
-    ("dnr:multiple=8", "multiple applies to mode=channel only"),
+    ("dnr:mode=channel,round_to=0", "round_to must be a whole number >= 1"),
+    ("dnr:round_to=8", "round_to applies to mode=channel only"),
 ])
 def test_bad_options_fail_before_training(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,7 +100,7 @@ def test_channel_mode_removes_empty_channels_and_reloads(tmp_path):
     """Channel mode keeps the target fraction of channels per group (within one channel),
     regrows only empty channels, and leaves a thinner dense model that reloads."""
     from leancnn.measure import count
-    from leancnn.methods.channels import channel_groups
+    from leancnn.methods.channel_graph import channel_graph
     from leancnn.runs import load_run
 
     config = tiny_config(tmp_path, model="vgg11", width=0.25, epochs=3,
@@ -110,15 +110,15 @@ def test_channel_mode_removes_empty_channels_and_reloads(tmp_path):
     assert "widths=" in spec and "mode=channel" in spec
     model = outcome.model
     dense = create_model("vgg11", in_channels=1, width=0.25, num_classes=4)
-    for group in channel_groups(dense):
-        full = dense.get_submodule(group.producer)[0].out_channels
-        kept = model.get_submodule(group.producer)[0].out_channels
+    pruned = channel_graph(model)
+    for group in channel_graph(dense).groups:
+        full, kept = group.width, pruned.group(group.name).width
         assert abs(kept - 0.5 * full) <= 1  # each layer keeps its share of channels
-        weight = model.get_submodule(group.producer)[0].weight
+        weight = model.get_submodule(group.producer).weight
         assert (weight.flatten(1).abs().sum(1) > 0).all()  # no dead (all-zero) channel is left
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(0 < d <= 1 for entry in log for d in entry["dnr_density"].values())
-    assert not any(name.endswith("dnr_channel_mask") for name, _ in model.named_buffers())
+    assert not any("dnr_channel_mask" in name for name, _ in model.named_buffers())
     reloaded, _ = load_run(tmp_path / "run")
     x = torch.rand(5, 1, 16, 16)
     with torch.no_grad():
@@ -126,21 +126,34 @@ def test_channel_mode_removes_empty_channels_and_reloads(tmp_path):
     assert count(reloaded, (1, 16, 16)).macs_dense < count(dense, (1, 16, 16)).macs_dense * 0.35
 
 
-def test_channel_mode_masked_channels_output_zero():
+@pytest.mark.parametrize("name", ["vgg11", "resnet20", "mobilenetv2"])
+def test_channel_mode_masked_channels_are_zero_wherever_they_flow(name):
+    """Every layer a group lives in (producers, batch norms, depthwise layers) outputs exactly zero
+    on the group's masked channels, in training and in eval mode."""
     method = parse_method("dnr:density=0.25,attack=none,mode=channel")
-    model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4)).train()
+    model = method.prepare(create_model(name, in_channels=1, width=0.25, num_classes=4))
     outputs = {}
-    for name, block in method.channel_blocks(model):
-        block.register_forward_hook(lambda mod, args, out, name=name: outputs.__setitem__(name, out))
-    model(torch.rand(8, 1, 16, 16))
-    for name, block in method.channel_blocks(model):
-        masked = ~block.dnr_channel_mask
-        assert masked.any() and (outputs[name][:, masked] == 0).all()
+    for module_name, module in model.named_modules():
+        module.register_forward_hook(lambda mod, args, out, n=module_name: outputs.__setitem__(n, out))
+    for mode in (True, False):
+        model.train(mode)
+        model(torch.rand(8, 1, 16, 16))
+        checked = 0
+        for group, mask in method.channel_masks(model):
+            assert (~mask).any()
+            for site in group.sites:
+                if site.role != "in":
+                    positions = [p for c in torch.nonzero(~mask).flatten().tolist() for p in site.positions[c]]
+                    assert (outputs[site.module][:, positions] == 0).all(), (name, group.name, site.module)
+                    checked += 1
+        assert checked > len(method.channel_masks(model))
 
 
-def test_channel_mode_rejects_a_layout_it_cannot_cut():
-    with pytest.raises(ConfigError, match="channel surgery"):
-        parse_method("dnr:mode=channel").prepare(create_model("mobilenetv2", in_channels=1, width=0.25))
+def test_channel_mode_rejects_a_model_it_cannot_trace():
+    from .test_channel_graph import Branchy
+
+    with pytest.raises(ConfigError, match=r"cannot trace module gate"):
+        parse_method("dnr:mode=channel").prepare(Branchy())
     with pytest.raises(ConfigError, match="mode must be one of"):
         parse_method("dnr:mode=filters")
 
@@ -167,16 +180,16 @@ def test_magprune_keeps_the_largest_weights_through_adversarial_finetuning(tmp_p
 
 
 def test_aligned_channel_counts():
-    from leancnn.methods.dnr import aligned_keep
+    from leancnn.methods.channels import rounded_width
 
     # density x channels to the nearest multiple of 8, at least 8, at most all
-    assert [aligned_keep(c, 0.7, 8) for c in (16, 32, 64, 128)] == [8, 24, 48, 88]
-    assert aligned_keep(16, 0.95, 8) == 16 and aligned_keep(64, 0.01, 8) == 8
-    assert aligned_keep(6, 0.5, 8) == 3                       # narrower than the multiple: plain rounding
-    assert [aligned_keep(c, 0.7, 1) for c in (16, 64)] == [11, 45]
-    method = parse_method("dnr:density=0.7,attack=none,mode=channel,multiple=8")
+    assert [rounded_width(c, 0.7, 8) for c in (16, 32, 64, 128)] == [8, 24, 48, 88]
+    assert rounded_width(16, 0.95, 8) == 16 and rounded_width(64, 0.01, 8) == 8
+    assert rounded_width(6, 0.5, 8) == 3                       # narrower than the multiple: plain rounding
+    assert [rounded_width(c, 0.7, 1) for c in (16, 64)] == [11, 45]
+    method = parse_method("dnr:density=0.7,attack=none,mode=channel,round_to=8")
     model = method.prepare(create_model("vgg11", in_channels=1, width=0.25, num_classes=4))
-    kept = [int(block.dnr_channel_mask.sum()) for _, block in method.channel_blocks(model)]
+    kept = [int(mask.sum()) for _, mask in method.channel_masks(model)]
     assert kept == [8, 24, 48, 48, 88, 88, 88, 88]
 
 

@@ -16,7 +16,7 @@ from leancnn.errors import ConfigError
 from leancnn.experiment import train_run
 from leancnn.measure import count
 from leancnn.methods import apply_methods, parse_method
-from leancnn.methods.channels import channel_groups, shrink_to_widths
+from leancnn.methods.channels import shrink_to_widths
 from leancnn.methods.dynamic import (full_widths, random_widths, re_estimate, select_subnet, set_widths, store_subnet,
                                      subnet_model)
 from leancnn.models import create_model
@@ -35,7 +35,8 @@ def plain_at_widths(name: str, dynamic: nn.Module, widths: list[int]) -> nn.Modu
     """An ordinary model of `name` narrowed to `widths`, every tensor the leading slice of the
     dynamic model's (its statistics those of row 0)."""
     plain = create_model(name, in_channels=1, width=0.5)
-    plain = shrink_to_widths(plain, {g.producer: w for g, w in zip(channel_groups(plain), widths)})
+    producers = [name for name, m in dynamic.named_modules() if getattr(m, "chooses_width", False)]
+    plain = shrink_to_widths(plain, dict(zip(producers, widths)))
     source = dict(dynamic.state_dict())
     for key, tensor in source.items():
         if key.endswith("subnet_mean"):
@@ -168,11 +169,39 @@ def test_bad_options_fail_in_one_line(spec, message):
         parse_method(spec)
 
 
-def test_a_layout_it_does_not_know_fails_before_training(tmp_path, capsys):
-    code = main(["train", "--data", "synthetic", "--model", "mobilenetv2", "--width", "0.25", "--epochs", "1",
+UNTRACEABLE = """
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x   # data-dependent control flow: torch.fx cannot trace it
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3)
+        self.gate = Gate()
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.gate(self.conv(x)).mean(dim=(2, 3)))
+
+
+def build(num_classes, in_channels):
+    return Net(num_classes, in_channels)
+"""
+
+
+def test_a_model_it_cannot_trace_fails_before_training(tmp_path, capsys):
+    (tmp_path / "gated.py").write_text(UNTRACEABLE)
+    code = main(["train", "--data", "synthetic", "--model", str(tmp_path / "gated.py") + ":build", "--epochs", "1",
                  "--method", "dynamic", "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "method 'dynamic': channel surgery does not know" in err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "method 'dynamic': channel surgery cannot trace module gate (Gate)" in err
     assert not (tmp_path / "run").exists()
 
 

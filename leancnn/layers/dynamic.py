@@ -5,7 +5,8 @@ A layer becomes dynamic by a class swap in place (`make_dynamic`), so its parame
 and state-dict names do not change:
 
 - DynamicConv2d computes its first `active_out` filters (None: all) on the channels it is given
-  (a prefix of its input channels: the producer before it kept a prefix);
+  (a prefix of its input channels: the producer before it kept a prefix); a depthwise one
+  filters each channel it is given;
 - DynamicBatchNorm2d normalises the channels it is given, with the statistics of the chosen
   sub-network (`subnet`, recalibrated per sub-network after training) in eval mode, or its own
   running statistics when none is chosen;
@@ -28,6 +29,10 @@ class DynamicConv2d(nn.Conv2d):
     chooses_width: bool = False     # a channel group's producer, whose width a sub-network sets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups > 1:   # depthwise (groups = channels): one filter per channel it is given
+            channels = x.shape[1]
+            bias = None if self.bias is None else self.bias[:channels]
+            return F.conv2d(x, self.weight[:channels], bias, self.stride, self.padding, self.dilation, channels)
         out = self.out_channels if self.active_out is None else self.active_out
         weight = self.weight[:out, :x.shape[1]]
         bias = None if self.bias is None else self.bias[:out]

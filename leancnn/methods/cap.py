@@ -1,10 +1,15 @@
 """The `cap` method: cascaded projection (Minnehan, Savakis, "Cascaded
 Projection: End-to-End Network Compression and Acceleration", CVPR 2019).
 
-For each removable channel group (see leancnn.methods.channels), batch norm is
-folded into the producing convolution, and an orthonormal projection P (C x r)
-compresses its output: the producer keeps r filters, P^T W, and the consumer
-reads r channels, W' P. The result is an ordinary thinner dense model.
+For each channel group of the traced channel graph (leancnn.methods.channel_graph) that a
+projection can merge into (`ChannelGraph.projectable`: one producing convolution, its batch
+norm, and consumers that read the group whole), batch norm is folded into the producing
+convolution, and an orthonormal projection P (C x r) compresses its output: the producer keeps
+r filters, P^T W, and the consumers read r channels, W' P. The result is an ordinary thinner
+dense model. Groups a rotation cannot cross (channels tied by residual additions, or passing a
+depthwise layer) are, with `coupled=select` (or `auto`, when the projectable groups alone cannot
+meet the target), reduced by choosing r of their channels: those the group's principal subspace
+holds best (the same leverage that starts the projections), not optimised further.
 
 1. P starts from the top-r principal directions of the producer's outputs on
    a sample of training data, rotated within that subspace to lie closest to r
@@ -24,9 +29,10 @@ reads r channels, W' P. The result is an ordinary thinner dense model.
    A step size whose loss turns non-finite is abandoned and scored as failed.
 3. Ranks meet the MAC target either uniformly (the same kept fraction for every
    group) or by energy (each group keeps the smallest rank holding a fraction
-   of its feature energy, the fraction chosen to meet the target).
-Residual networks: only channels inside a block are compressed; block outputs
-keep their width. Details the paper leaves open (unconfirmed): the step size
+   of its feature energy, the fraction chosen to meet the target); then each
+   group, widest first, grows by one while the target holds.
+Residual networks: the graph finds that only channels inside a block are projectable (a block's
+output is tied to its shortcut by the addition). Details the paper leaves open (unconfirmed): the step size
 (lr=0 tries LR_CHOICES and keeps the best on held-out training images), the
 number of optimisation steps, gamma, and the ReLU/pooling between producer
 and consumer acting on the r projected channels.
@@ -47,8 +53,12 @@ from ..errors import ConfigError
 from ..measure import count
 from ..surgery import replace_module
 from .base import Method, register_method
-from .channels import ChannelGroup, channel_groups, largest_fraction, shrink_to_widths
+from .channel_graph import ChannelGraph, ChannelGroup, channel_graph
+from .channels import (fill_to_budget, group_widths, keep_channels, largest_fraction, shrink_to_widths,
+                       transform_channels)
 from .l1prune import parse_widths
+
+COUPLED = ("auto", "keep", "select")
 
 
 # Step sizes tried when lr=0, kept by accuracy on held-out training images: a size that
@@ -66,20 +76,34 @@ class CaPOptions:
     relax: bool = False                             # also update the compressed kernels (projection & kernel relax)
     relax_lr: float = 0.0                           # kernels' step size with relax; 0 = a tenth of the projections'
     sample_batches: int = 8                         # batches of 128 images for the principal directions
+    coupled: str = "auto"                           # groups no projection merges into: keep, select, or auto
+                                                    # (select only if the projectable ones miss the target)
     widths: str = ""                                # set by compress, to rebuild the architecture
 
 
 @torch.no_grad()
-def fold_batchnorm(block: nn.Sequential) -> None:
-    """conv-bn -> conv with bias, bn set to the identity (eval statistics)."""
-    conv, norm = block[0], block[1]
+def fold_batchnorm(model: nn.Module, conv_name: str, norm_name: str | None) -> None:
+    """conv-bn -> conv with bias, bn set to the identity (eval statistics); a conv with no batch
+    norm after it gains a (zero) bias if it has none, so every folded producer has one."""
+    conv = model.get_submodule(conv_name)
     folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                        conv.dilation, bias=True).to(conv.weight.device)
-    weight, bias = folded_weight_and_bias(conv, norm)
-    folded.weight.copy_(weight)
-    folded.bias.copy_(bias)
-    block[0] = folded.train(conv.training)
-    identity_norm(norm)
+    if norm_name is None:
+        folded.weight.copy_(conv.weight)
+        folded.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(folded.bias))
+    else:
+        norm = model.get_submodule(norm_name)
+        weight, bias = folded_weight_and_bias(conv, norm)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+        identity_norm(norm)
+    replace_module(model, conv_name, folded.train(conv.training))
+
+
+def fold_groups(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup]) -> nn.Module:
+    for group in groups:
+        fold_batchnorm(model, group.producer, graph.norm_after(group.producer) if group.role("norm") else None)
+    return model
 
 
 @torch.no_grad()
@@ -111,8 +135,14 @@ class Expand(nn.Module):
 
 
 def retract(matrix: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix with orthonormal columns: U V^T of the SVD."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    """The nearest matrix with orthonormal columns: U V^T of the SVD (in float64 where float32's
+    divide-and-conquer SVD does not converge: repeated singular values, as the principal
+    directions of an untrained or dead layer give)."""
+    try:
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return (u @ vh).to(matrix.dtype)
     return u @ vh
 
 
@@ -123,59 +153,57 @@ def stiefel_step(projection: torch.Tensor, grad: torch.Tensor, lr: float) -> tor
     return retract(projection - lr * tangent)
 
 
-def insert_projections(model: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter]) -> nn.Module:
-    """The projected network, unmerged: producer conv -> Compress; Expand -> consumer."""
+def insert_projections(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
+                       projections: list[nn.Parameter]) -> nn.Module:
+    """The projected network, unmerged: producer conv -> Compress; Expand -> each consumer."""
     for group, projection in zip(groups, projections):
-        block = model.get_submodule(group.producer)
-        block[0] = nn.Sequential(block[0], Compress(projection))
-        block[1] = nn.Identity()  # folded: the identity
-        replace_module(model, group.consumer, nn.Sequential(Expand(projection), model.get_submodule(group.consumer)))
+        replace_module(model, group.producer, nn.Sequential(model.get_submodule(group.producer), Compress(projection)))
+        for norm in group.role("norm"):
+            replace_module(model, norm.module, nn.Identity())  # folded: the identity
+        for consumer in group.consumers:
+            replace_module(model, consumer.module,
+                           nn.Sequential(Expand(projection), model.get_submodule(consumer.module)))
     return model
 
 
 @torch.no_grad()
-def merge_projections(model: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor]) -> nn.Module:
-    """Producer keeps P^T W (and P^T b); the consumer reads W' P. `model` has folded batch norms."""
-    for group, projection in zip(groups, projections):
-        block = model.get_submodule(group.producer)
-        conv = block[0]
-        rank = projection.shape[1]
-        # The same layer types as before (bias-free conv + batch norm), so the saved run rebuilds
-        # from its widths alone: the folded bias lives in the identity batch norm's shift.
-        merged = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                           bias=False).to(conv.weight.device)
-        merged.weight.copy_(torch.einsum("cr,cikl->rikl", projection, conv.weight))
-        norm = nn.BatchNorm2d(rank, eps=block[1].eps, momentum=block[1].momentum).to(conv.weight.device)
-        identity_norm(norm)
-        if conv.bias is not None:
-            norm.bias.copy_(projection.T @ conv.bias)
-        block[0], block[1] = merged.train(conv.training), norm.train(block[1].training)
-        consumer = model.get_submodule(group.consumer)
-        if isinstance(consumer, nn.Linear):
-            new = nn.Linear(rank, consumer.out_features, bias=consumer.bias is not None).to(conv.weight.device)
-            new.weight.copy_(consumer.weight @ projection)
-        else:
-            new = nn.Conv2d(rank, consumer.out_channels, consumer.kernel_size, consumer.stride, consumer.padding,
-                            consumer.dilation, bias=consumer.bias is not None).to(conv.weight.device)
-            new.weight.copy_(torch.einsum("oikl,ir->orkl", consumer.weight, projection))
-        if consumer.bias is not None:
-            new.bias.copy_(consumer.bias)
-        replace_module(model, group.consumer, new.train(consumer.training))
+def merge_projections(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
+                      projections: list[torch.Tensor], original: nn.Module) -> nn.Module:
+    """Producers keep P^T W (and P^T b), consumers read W' P (leancnn.methods.channels'
+    transform, so a layer that consumes one group and produces the next gets both). `model` has
+    folded batch norms; `original` (unfolded, the same graph) gives the layer types to keep: a
+    bias-free convolution and its batch norm stay so (the folded bias moves to the identity
+    norm's shift), so the saved run rebuilds from its widths alone."""
+    transform_channels(model, graph, {g.name: p for g, p in zip(groups, projections)})
+    for group in groups:
+        conv = model.get_submodule(group.producer)
+        if original.get_submodule(group.producer).bias is not None:
+            continue
+        if group.role("norm"):
+            model.get_submodule(graph.norm_after(group.producer)).bias.copy_(conv.bias)
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          conv.dilation, bias=False).to(conv.weight.device)
+        plain.weight.copy_(conv.weight)
+        replace_module(model, group.producer, plain.train(conv.training))
     return model
 
 
 @torch.no_grad()
 def principal_directions(model: nn.Module, groups: list[ChannelGroup], batches: list[torch.Tensor]):
-    """Per group: eigenvectors (columns, by falling eigenvalue) and eigenvalues of the producer outputs' covariance."""
+    """Per group: eigenvectors (columns, by falling eigenvalue) and eigenvalues of the covariance
+    of what flows on the group's channels: the output of its first batch norm, or of its first
+    producer where it has none."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for group in groups:
-        conv = model.get_submodule(group.producer)[0]
+        site = (group.role("norm") or group.producers)[0]
+        index = torch.tensor([positions[0] for positions in site.positions])
 
-        def hook(mod, args, out, name=group.producer):
-            flat = out.transpose(0, 1).reshape(out.shape[1], -1).double()
+        def hook(mod, args, out, name=group.name, index=index):
+            picked = out.index_select(1, index.to(out.device))
+            flat = picked.transpose(0, 1).reshape(picked.shape[1], -1).double()
             sums[name] = sums.get(name, 0) + flat @ flat.T  # uncentred: the projection must keep the mean too
-        hooks.append(conv.register_forward_hook(hook))
+        hooks.append(model.get_submodule(site.module).register_forward_hook(hook))
     model.eval()
     for images in batches:
         model(images)
@@ -183,9 +211,15 @@ def principal_directions(model: nn.Module, groups: list[ChannelGroup], batches: 
         h.remove()
     result = []
     for group in groups:
-        values, vectors = torch.linalg.eigh(sums[group.producer])
+        values, vectors = torch.linalg.eigh(sums[group.name])
         result.append((vectors.flip(1).float(), values.flip(0).clamp_min(0).float()))
     return result
+
+
+def leverage_channels(directions: torch.Tensor, rank: int) -> torch.Tensor:
+    """The `rank` channels the top-`rank` principal subspace holds best (largest leverage), in order."""
+    basis = directions[:, :rank]
+    return (basis * basis).sum(dim=1).topk(rank).indices.sort().values
 
 
 def aligned_basis(directions: torch.Tensor, rank: int) -> torch.Tensor:
@@ -195,16 +229,16 @@ def aligned_basis(directions: torch.Tensor, rank: int) -> torch.Tensor:
     with channel selections, not with arbitrary rotations, so this basis keeps the
     network working before the joint optimisation; at full rank it is the identity."""
     basis = directions[:, :rank]
-    leverage = (basis * basis).sum(dim=1)
-    channels = leverage.topk(rank).indices.sort().values
+    channels = leverage_channels(directions, rank)
     selection = torch.zeros_like(basis)
     selection[channels, torch.arange(rank)] = 1.0
     return basis @ retract(basis.T @ selection)
 
 
-def choose_ranks(model: nn.Module, groups: list[ChannelGroup], spectra, options: CaPOptions,
-                 input_shape: tuple[int, ...]) -> list[int]:
-    widths = [model.get_submodule(g.producer)[0].out_channels for g in groups]
+def choose_ranks(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup], spectra,
+                 options: CaPOptions, input_shape: tuple[int, ...]) -> list[int] | None:
+    """Ranks of `groups` meeting the MAC target (None if none do)."""
+    widths = [g.width for g in groups]
     target = options.macs * count(model, input_shape).macs_dense
 
     def ranks_for(level: float) -> list[int]:
@@ -217,14 +251,15 @@ def choose_ranks(model: nn.Module, groups: list[ChannelGroup], spectra, options:
         return ranks
 
     def macs(ranks: list[int]) -> int:
-        thin = copy.deepcopy(model)
-        shrink_to_widths(thin, {g.producer: r for g, r in zip(groups, ranks)})
+        thin = keep_channels(copy.deepcopy(model), graph, {g.name: torch.arange(r) for g, r in zip(groups, ranks)})
         return count(thin, input_shape).macs_dense
 
+    if not groups:
+        return [] if count(model, input_shape).macs_dense <= target else None
     ranks = ranks_for(largest_fraction(lambda level: macs(ranks_for(level)) <= target))
     if macs(ranks) > target:
-        raise ConfigError(f"method 'cap': macs={options.macs} is below what compressing channels can reach")
-    return ranks
+        return None
+    return fill_to_budget(ranks, widths, lambda trial: macs(trial) <= target)
 
 
 @register_method
@@ -240,6 +275,8 @@ class CaP(Method):
         o = self.options
         if not 0 < o.macs <= 1:
             raise ConfigError(f"method 'cap': macs must be in (0, 1] (a fraction of the dense MACs), got {o.macs}")
+        if o.coupled not in COUPLED:
+            raise ConfigError(f"method 'cap': coupled must be one of {', '.join(COUPLED)}, got {o.coupled!r}")
         if o.steps < 0 or o.lr < 0 or o.gamma < 0 or o.sample_batches < 1 or o.relax_lr < 0:
             raise ConfigError("method 'cap': steps >= 0, lr >= 0 (0 = chosen), relax_lr >= 0, gamma >= 0 and "
                               "sample_batches >= 1 are required")
@@ -250,12 +287,11 @@ class CaP(Method):
         return shrink_to_widths(model, parse_widths(self.options.widths))
 
     def compress(self, model, context):
-
-        groups = channel_groups(model)  # unknown layouts fail here, before anything changes
         shape = context.dataset.input_shape
-        folded = copy.deepcopy(model).eval()
-        for group in groups:
-            fold_batchnorm(folded.get_submodule(group.producer))
+        example = torch.zeros(1, *shape)
+        graph = channel_graph(model, example)   # an untraceable model fails here, before anything changes
+        projectable = [g for g in graph.groups if graph.projectable(g)]
+        coupled = [g for g in graph.groups if not graph.projectable(g)]
         loader = BatchLoader(context.dataset.train_images, context.dataset.train_labels, 128, shuffle=True,
                              seed=context.config.seed)
         sample = []
@@ -263,16 +299,41 @@ class CaP(Method):
             sample.append((images, labels))
             if len(sample) >= max(self.options.sample_batches, 1):
                 break
-        spectra = principal_directions(folded, groups, [images for images, _ in sample])
-        ranks = choose_ranks(model, groups, spectra, self.options, shape)
-        best = None
-        for lr in ([self.options.lr] if self.options.lr > 0 else LR_CHOICES):
+        folded = fold_groups(copy.deepcopy(model).eval(), graph, projectable)
+        chosen = projectable + (coupled if self.options.coupled == "select" else [])
+        spectra = principal_directions(folded, chosen, [images for images, _ in sample])
+        ranks = choose_ranks(model, graph, chosen, spectra, self.options, shape)
+        if ranks is None and self.options.coupled == "auto" and coupled:
+            context.log(f"cap: the {len(projectable)} projectable channel groups cannot reach macs="
+                        f"{self.options.macs} alone; also selecting channels in {len(coupled)} coupled groups")
+            chosen = projectable + coupled
+            spectra = principal_directions(folded, chosen, [images for images, _ in sample])
+            ranks = choose_ranks(model, graph, chosen, spectra, self.options, shape)
+        if ranks is None:
+            raise ConfigError(f"method 'cap': macs={self.options.macs} is below what compressing channels can reach"
+                              + ("" if self.options.coupled != "keep" or not coupled else
+                                 f" with coupled=keep ({len(coupled)} coupled groups keep their width)"))
+        rank_of = {g.name: r for g, r in zip(chosen, ranks)}
+        spectrum_of = {g.name: s for g, s in zip(chosen, spectra)}
+        selections = {g.name: leverage_channels(spectrum_of[g.name][0], rank_of[g.name])
+                      for g in chosen if not graph.projectable(g) and rank_of[g.name] < g.width}
+        if selections:   # coupled groups: keep the chosen channels; the projections act on what is left
+            model = keep_channels(model, graph, selections)
+            graph = channel_graph(model, example)
+            projectable = [g for g in graph.groups if graph.projectable(g)]
+            folded = fold_groups(copy.deepcopy(model).eval(), graph, projectable)
+            spectra = principal_directions(folded, projectable, [images for images, _ in sample])
+        else:
+            spectra = [spectrum_of[g.name] for g in projectable]
+        ranks = [rank_of.get(g.name, g.width) for g in projectable]
+        best = None if projectable else (0.0, 0.0, model)   # nothing to project: the selection is all
+        for lr in ([self.options.lr] if self.options.lr > 0 else LR_CHOICES) if projectable else ():
             projections = [nn.Parameter(aligned_basis(vectors, rank)) for (vectors, _), rank in zip(spectra, ranks)]
-            optimised = self.optimise(folded, groups, projections, loader, lr)
+            optimised = self.optimise(folded, graph, projectable, projections, loader, lr)
             if optimised is None:   # the loss turned non-finite at this step size
                 context.log(f"cap: step size {lr}: diverged")
                 continue
-            merged = merge_projections(optimised, groups, [p.detach() for p in projections])
+            merged = merge_projections(optimised, graph, projectable, [p.detach() for p in projections], model)
             accuracy = context.accuracy(merged) if self.options.lr == 0 else 0.0
             if best is None or accuracy > best[0]:
                 best = (accuracy, lr, merged)
@@ -283,20 +344,21 @@ class CaP(Method):
                               f"({', '.join(map(str, [self.options.lr] if self.options.lr > 0 else LR_CHOICES))}); "
                               f"give a smaller lr= (or relax_lr=)")
         _, lr, merged = best
-        widths = "+".join(f"{g.producer}:{r}" for g, r in zip(groups, ranks))
-        context.notes["cap_ranks"] = dict(zip([g.producer for g in groups], ranks))
+        context.notes["cap_ranks"] = rank_of
+        context.notes["cap_selected_groups"] = sorted(selections)
         context.notes["cap_lr"] = lr
-        return merged, CaP(CaPOptions(**{**self.options.__dict__, "lr": lr, "widths": widths}))
+        return merged, CaP(CaPOptions(**{**self.options.__dict__, "lr": lr,
+                                         "widths": group_widths(merged, example)}))
 
-    def optimise(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[nn.Parameter],
-                 loader, lr: float) -> nn.Module | None:
+    def optimise(self, folded: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
+                 projections: list[nn.Parameter], loader, lr: float) -> nn.Module | None:
         """Optimise `projections` in place; returns the folded network the projections are merged
         into (a copy, with the relaxed kernels when `relax`), or None if the loss turned non-finite."""
         if self.options.steps == 0:
             return copy.deepcopy(folded)
         for projection in projections:
             projection.requires_grad_(True)
-        objective = Reconstruction(folded, groups, projections, relax=self.options.relax)
+        objective = Reconstruction(folded, graph, groups, projections, relax=self.options.relax)
         trained = projections + objective.kernels
         kernel_lr = self.options.relax_lr or lr / 10
         step = 0
@@ -332,16 +394,17 @@ class Reconstruction:
     whatever its size and scale. At full-rank identity projections it is exactly 0.
     With `relax`, the producers' and consumers' kernels (`kernels`) are trained too."""
 
-    def __init__(self, folded: nn.Module, groups: list[ChannelGroup], projections: list[torch.Tensor],
-                 relax: bool = False) -> None:
+    def __init__(self, folded: nn.Module, graph: ChannelGraph, groups: list[ChannelGroup],
+                 projections: list[torch.Tensor], relax: bool = False) -> None:
         self.reference = folded
         self.projected = copy.deepcopy(folded)
         # The producers' and consumers' own layers, found before the projections wrap them (in a
         # chain a consumer is also the next producer, whose wrapped output is already compressed).
-        consumers = [self.projected.get_submodule(g.consumer) for g in groups]
-        self.layers = {g.consumer: module for g, module in zip(groups, consumers)}
-        self.layers.update({f"{g.producer}.0": self.projected.get_submodule(g.producer)[0] for g in groups})
-        insert_projections(self.projected, groups, projections).eval()
+        consumer_names = list(dict.fromkeys(site.module for g in groups for site in g.consumers))
+        consumers = [self.projected.get_submodule(name) for name in consumer_names]
+        self.layers = dict(zip(consumer_names, consumers))
+        self.layers.update({g.producer: self.projected.get_submodule(g.producer) for g in groups})
+        insert_projections(self.projected, graph, groups, projections).eval()
         kept = {id(p) for p in projections}
         self.kernels: list[nn.Parameter] = []
         if relax:
@@ -353,10 +416,10 @@ class Reconstruction:
                 parameter.requires_grad_(False)
         self.targets: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self.hooks = [folded.get_submodule(g.consumer).register_forward_hook(
-            lambda m, a, out, n=g.consumer: self.targets.__setitem__(n, out.detach())) for g in groups]
-        self.hooks += [module.register_forward_hook(lambda m, a, out, n=g.consumer: self.outputs.__setitem__(n, out))
-                       for g, module in zip(groups, consumers)]
+        self.hooks = [folded.get_submodule(name).register_forward_hook(
+            lambda m, a, out, n=name: self.targets.__setitem__(n, out.detach())) for name in consumer_names]
+        self.hooks += [module.register_forward_hook(lambda m, a, out, n=name: self.outputs.__setitem__(n, out))
+                       for name, module in zip(consumer_names, consumers)]
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():

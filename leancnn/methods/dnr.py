@@ -17,12 +17,13 @@ number of active weights never changes, so the density stays the target.
 Choices the paper leaves open (unconfirmed): beta = 0.5, regrown weights start
 at zero, the first convolution stays dense, layers start at the same density.
 
-mode=channel prunes whole output channels of the removable channel groups
-(leancnn.methods.channels: VGG-style chains, the inside of residual blocks):
-a channel is masked by zeroing its convolution filter and its batch-norm
-shift, so its output is exactly zero. After each epoch every layer prunes
-the smallest-norm fraction of its active channels and regrows as many empty
-ones. Two departures from the weight mode, both forced by channels: an empty
+mode=channel prunes whole channels of the removable channel groups of the traced
+channel graph (leancnn.methods.channel_graph: any CNN; channels tied by residual
+additions, depthwise layers or concatenations are one channel): a channel is masked
+by zeroing its filters in every producer and the shifts and means of the batch norms
+on it (leancnn.methods.channels.silence_channels), so it is exactly zero wherever it
+flows. After each epoch every group prunes the smallest-norm fraction of its active
+channels and regrows as many empty ones. Two departures from the weight mode, both forced by channels: an empty
 channel's output is zero, and ReLU passes no gradient at zero, so it has no
 momentum to rank it: regrowth picks empty channels at random and initialises
 them like a fresh layer (zero weights would stay dead); and each layer keeps
@@ -30,7 +31,7 @@ its channel count (moving channels between layers would move the MAC budget,
 which channel mode exists to cut: density d leaves about d^2 of the MACs of
 layers between two pruned ones). After training the empty channels are
 removed, leaving a thinner dense model; `widths` records its shape so the
-run reloads. `multiple=8` keeps each layer's channel count a multiple of 8
+run reloads. `round_to=8` keeps each group's channel count a multiple of 8
 (the nearest to density x channels, at least 8): CPU convolution kernels work
 in vectors of 8 or 16 floats, and odd widths (11, 45, 90 of 16, 64, 128) ran
 at half the FLOP rate of the dense model on this project's machine.
@@ -54,12 +55,13 @@ from ..errors import ConfigError
 from .adversarial import AdversarialLoss, AdversarialMethod, check_adversarial_options, schedule_settings
 from .base import register_method
 from .selection import stem_conv
-from .channels import channel_groups, keep_channels, shrink_to_widths
+from .channel_graph import channel_graph
+from .channels import filter_norms, keep_channels, rounded_width, shrink_to_widths, silence_channels
 from .l1prune import parse_widths
 from .masking import apply_masks, densities, keep_count, masked_layers
 
 MASK = "dnr_mask"
-CHANNEL_MASK = "dnr_channel_mask"
+CHANNEL_MASK = "dnr_channel_masks"   # root buffer: every group's channel mask, end to end in graph order
 MODES = ("irregular", "channel")
 
 
@@ -74,17 +76,9 @@ class DNROptions:
     seed: int = 0                  # initial random mask
     mode: str = "irregular"        # irregular (weights) or channel (whole output channels, then removed)
     widths: str = ""               # set after channel-mode training: the thinner model's shape
-    multiple: int = 1              # channel mode: each layer keeps a multiple of this many channels
+    round_to: int = 1              # channel mode: each group keeps a multiple of this many channels
     eval_images: int = 1000        # test images a finished adversarial run is attacked on (FGSM, PGD-10); 0 = none
     schedule: str = "constant"     # the attack's budget: constant, or SAT's curriculum (prob, hessian)
-
-
-def aligned_keep(channels: int, density: float, multiple: int) -> int:
-    """Channels a layer keeps: density x channels, rounded to the nearest multiple of `multiple`
-    (at least one multiple, at most all channels; a layer narrower than `multiple` just rounds)."""
-    if channels <= multiple:
-        return max(1, round(density * channels))
-    return min(channels, max(multiple, multiple * round(density * channels / multiple)))
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -148,10 +142,10 @@ class DNR(AdversarialMethod):
             raise ConfigError(f"method 'dnr': mode must be one of {', '.join(MODES)}, got {o.mode!r}")
         if o.eval_images < 0:
             raise ConfigError(f"method 'dnr': eval_images must be >= 0 (0 = no attack after training), got {o.eval_images}")
-        if o.multiple < 1:
-            raise ConfigError(f"method 'dnr': multiple must be a whole number >= 1, got {o.multiple}")
-        if o.multiple != 1 and o.mode != "channel":
-            raise ConfigError("method 'dnr': multiple applies to mode=channel only")
+        if o.round_to < 1:
+            raise ConfigError(f"method 'dnr': round_to must be a whole number >= 1, got {o.round_to}")
+        if o.round_to != 1 and o.mode != "channel":
+            raise ConfigError("method 'dnr': round_to applies to mode=channel only")
         self.adversarial = AdversarialLoss(o.beta, o.attack, o.eps, o.steps, o.seed, schedule_settings(o.schedule))
 
     # -- architecture: a mask buffer per prunable layer (saved with the weights) ----
@@ -178,8 +172,8 @@ class DNR(AdversarialMethod):
     @torch.no_grad()
     def after_step(self, trainer) -> None:
         apply_masks(trainer.model, MASK)
-        for _, block in self.channel_blocks(trainer.model):
-            apply_channel_mask(block)
+        if self.options.mode == "channel" and not self.options.widths:
+            self.apply_channel_masks(trainer.model)
 
     def prune_fraction_at(self, epoch: int, epochs: int) -> float:
         return self.options.prune_fraction * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs, 1)))
@@ -187,12 +181,12 @@ class DNR(AdversarialMethod):
     @torch.no_grad()
     def after_epoch(self, trainer, epoch: int) -> dict[str, Any]:
         if self.options.mode == "channel":
-            blocks = self.channel_blocks(trainer.model)
             if epoch + 1 < trainer.config.epochs:
-                self.rewire_channels(blocks, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs),
-                                     epoch)
-            return {"dnr_density": {name: round(float(getattr(b, CHANNEL_MASK).float().mean()), 6)
-                                    for name, b in blocks}, **self.adversarial.figures()}
+                self.rewire_channels(trainer.model, trainer.optimizer,
+                                     self.prune_fraction_at(epoch, trainer.config.epochs), epoch)
+            return {"dnr_density": {group.name: round(float(mask.float().mean()), 6)
+                                    for group, mask in self.channel_masks(trainer.model)},
+                    **self.adversarial.figures()}
         layers = self.layers(trainer.model)
         if epoch + 1 < trainer.config.epochs:  # the last epoch ends with the trained mask, no rewiring
             self.rewire(layers, trainer.optimizer, self.prune_fraction_at(epoch, trainer.config.epochs))
@@ -234,72 +228,80 @@ class DNR(AdversarialMethod):
 
     # -- channel mode ---------------------------------------------------------
     def prepare_channels(self, model: nn.Module) -> nn.Module:
-        groups = channel_groups(model)  # a layout surgery does not know fails here, before training
+        graph = channel_graph(model)   # an untraceable model fails here, before training
+        if not graph.groups:
+            raise ConfigError(f"method 'dnr': {type(model).__name__} has no removable channel group")
         if self.options.widths:  # a finished channel-mode run: the thinner dense model
             return shrink_to_widths(model, parse_widths(self.options.widths))
+        self.graph = graph
         generator = torch.Generator().manual_seed(self.options.seed)
-        for group in groups:
-            block = model.get_submodule(group.producer)
-            channels = block[0].out_channels
-            keep = aligned_keep(channels, self.options.density, self.options.multiple)
-            mask = torch.zeros(channels, dtype=torch.bool)
-            mask[torch.randperm(channels, generator=generator)[:keep]] = True
-            block.register_buffer(CHANNEL_MASK, mask.to(block[0].weight.device))
-            apply_channel_mask(block)
+        masks = []
+        for group in graph.groups:
+            keep = rounded_width(group.width, self.options.density, self.options.round_to)
+            mask = torch.zeros(group.width, dtype=torch.bool)
+            mask[torch.randperm(group.width, generator=generator)[:keep]] = True
+            masks.append(mask)
+        device = next(model.parameters()).device
+        model.register_buffer(CHANNEL_MASK, torch.cat(masks).to(device))
+        self.apply_channel_masks(model)
         return model
 
-    def channel_blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, CHANNEL_MASK, None), torch.Tensor)]
+    def channel_masks(self, model: nn.Module) -> list[tuple]:
+        """(group, its mask: a view of the model's buffer) for every group, in graph order."""
+        masks = getattr(model, CHANNEL_MASK)
+        pieces = masks.split([group.width for group in self.graph.groups])
+        return list(zip(self.graph.groups, pieces))
 
     @torch.no_grad()
-    def rewire_channels(self, blocks: list[tuple[str, nn.Module]], optimizer: torch.optim.Optimizer,
-                        fraction: float, epoch: int = 0) -> None:
-        """Per layer: prune the `fraction` of active channels with the smallest filter
-        norms and regrow as many empty channels, re-initialised. Each layer keeps its
-        channel count, so the MAC budget holds."""
+    def apply_channel_masks(self, model: nn.Module) -> None:
+        for group, mask in self.channel_masks(model):
+            if not bool(mask.all()):
+                silence_channels(model, group, torch.nonzero(~mask).flatten())
+
+    @torch.no_grad()
+    def rewire_channels(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float,
+                        epoch: int = 0) -> None:
+        """Per group: prune the `fraction` of active channels with the smallest filter norms
+        (over every producer) and regrow as many empty channels, re-initialised. Each group
+        keeps its channel count, so the MAC budget holds."""
         generator = torch.Generator().manual_seed(self.options.seed * 7919 + epoch)
-        for _, block in blocks:
-            conv, norm, mask = block[0], block[1], getattr(block, CHANNEL_MASK)
+        for group, mask in self.channel_masks(model):
             active = int(mask.sum())
             count = min(int(fraction * active), int((~mask).sum()))
             if count <= 0:
                 continue
             empty = torch.nonzero(~mask).flatten()
             grow = empty[torch.randperm(len(empty), generator=generator)[:count].to(empty.device)]
-            norms = conv.weight.flatten(1).norm(dim=1).masked_fill(~mask, float("inf"))
+            norms = filter_norms(model, group, 2).to(mask.device).masked_fill(~mask, float("inf"))
             mask[norms.topk(count, largest=False).indices] = False
             mask[grow] = True
-            fresh = torch.empty_like(conv.weight[grow])
-            nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu", generator=generator)
-            conv.weight[grow] = fresh
-            norm.weight[grow], norm.bias[grow] = 1.0, 0.0
-            norm.running_mean[grow], norm.running_var[grow] = 0.0, 1.0
-            state = optimizer.state.get(conv.weight, {})
-            if state.get("momentum_buffer") is not None:
-                state["momentum_buffer"][grow] = 0.0
-            apply_channel_mask(block)
+            self.reinitialise(model, optimizer, group, grow.tolist(), generator)
+        self.apply_channel_masks(model)
+
+    @staticmethod
+    def reinitialise(model: nn.Module, optimizer, group, channels: list[int], generator) -> None:
+        """Grown channels start like a fresh layer (zero filters would stay dead behind a ReLU)."""
+        for site in group.sites:
+            module = model.get_submodule(site.module)
+            positions = [p for c in channels for p in site.positions[c]]
+            if site.role == "out":
+                fresh = torch.empty_like(module.weight[positions])
+                nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu", generator=generator)
+                module.weight[positions] = fresh
+                state = optimizer.state.get(module.weight, {})
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"][positions] = 0.0
+            elif site.role == "norm":
+                module.weight[positions], module.bias[positions] = 1.0, 0.0
+                module.running_mean[positions], module.running_var[positions] = 0.0, 1.0
 
     @torch.no_grad()
     def finalize(self, model: nn.Module) -> nn.Module:
         """Channel mode: remove the empty channels; the spec records the widths."""
         if self.options.mode != "channel" or self.options.widths:
             return model
-        widths = []
-        for group in channel_groups(model):
-            block = model.get_submodule(group.producer)
-            mask = getattr(block, CHANNEL_MASK)
-            keep_channels(model, group, torch.nonzero(mask).flatten())
-            del block._buffers[CHANNEL_MASK]
-            widths.append(f"{group.producer}:{int(mask.sum())}")
-        self.options.widths = "+".join(widths)
+        masks = self.channel_masks(model)
+        keep_channels(model, self.graph, {group.name: torch.nonzero(mask).flatten().cpu() for group, mask in masks})
+        self.options.widths = "+".join(f"{group.name}:{int(mask.sum())}" for group, mask in masks)
+        del model._buffers[CHANNEL_MASK]
         return model
-
-
-@torch.no_grad()
-def apply_channel_mask(block: nn.Module) -> None:
-    """Zero the masked channels' filters and batch-norm shifts: their outputs are then exactly zero."""
-    mask = getattr(block, CHANNEL_MASK)
-    block[0].weight[~mask] = 0.0
-    if block[0].bias is not None:
-        block[0].bias[~mask] = 0.0
-    block[1].bias[~mask] = 0.0

@@ -9,10 +9,12 @@ random non-uniform ones on the largest one's soft outputs (the sandwich rule and
 distillation), gradients summed; batch-norm statistics re-estimated per chosen sub-network
 after training.
 
-The channels that may narrow are the channel groups of leancnn.methods.channels (VGG chains'
-convolutions, ResNet basic blocks' inner channels): the same prefix slicing that
-`shrink_to_widths` does, so a sub-network equals the plain thinner model built from the
-sliced weights (`subnet_model`).
+The channels that may narrow are the channel groups of the traced channel graph
+(leancnn.methods.channel_graph) that one convolution produces and every layer on them holds
+whole, in its order (`ChannelGraph.sliceable`: VGG chains' convolutions, the inside of residual
+blocks, MobileNetV2's expansions through their depthwise layers; not the channels residual
+additions tie): the same prefix slicing that `shrink_to_widths` does, so a sub-network equals
+the plain thinner model built from the sliced weights (`subnet_model`).
 
 After the last epoch, `candidates` sub-networks (uniform widths and random non-uniform ones)
 are measured: MACs, latency at batch 64 on this machine, and top-1 on `holdout` training images
@@ -38,7 +40,8 @@ from ..measure.latency import measure_latency
 from ..measure.pareto import pareto_front
 from ..measure.robustness import clean_accuracy, unit_float
 from .base import Method, register_method
-from .channels import channel_groups, shrink_to_widths
+from .channel_graph import channel_graph
+from .channels import shrink_to_widths
 
 WIDTHS = "dynamic_widths"      # root buffer [sub-networks, groups]: the chosen widths (0: not chosen yet)
 MACS_SLACK = 0.02              # a candidate may exceed its MAC target by this fraction
@@ -98,15 +101,19 @@ class Dynamic(Method):
     # -- architecture ------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
         try:
-            groups = channel_groups(model)
+            graph = channel_graph(model)
         except ConfigError as error:
             raise ConfigError(f"method 'dynamic': {error}") from None
+        groups = [group for group in graph.groups if graph.sliceable(group)]
+        if not groups:
+            raise ConfigError(f"method 'dynamic': {type(model).__name__} has no channel group that one convolution "
+                              "produces and its readers hold whole (the channels a sub-network narrows)")
         for group in groups:   # a VGG block is one group's consumer and the next one's producer
-            block = model.get_submodule(group.producer)
-            for layer in (block[0], block[1], model.get_submodule(group.consumer)):
+            for site in group.sites:
+                layer = model.get_submodule(site.module)
                 if not type(layer).__name__.startswith("Dynamic"):
                     make_dynamic(layer, len(self.targets))
-            block[0].chooses_width = True
+            model.get_submodule(group.producer).chooses_width = True
         # Every batch norm, not only the narrowing ones: the statistics of a block's full-width
         # output differ per sub-network too (each keeps its own rows).
         for module in model.modules():
@@ -222,14 +229,13 @@ def choose(measured: list[dict], target: float, full_macs: int, cost: str) -> di
 
 # -- widths ------------------------------------------------------------------------------------
 def _is_producer(module: nn.Module) -> bool:
-    """A channel group's conv-bn block (its convolution marked by prepare)."""
-    return (isinstance(module, nn.Sequential) and len(module) >= 2 and isinstance(module[0], DynamicConv2d)
-            and module[0].chooses_width)
+    """A channel group's producing convolution (marked by prepare)."""
+    return isinstance(module, DynamicConv2d) and module.chooses_width
 
 
 def producers(model: nn.Module) -> list[DynamicConv2d]:
-    """The dynamic convolutions whose output width is chosen, in channel-group order."""
-    return [m[0] for m in model.modules() if _is_producer(m)]
+    """The dynamic convolutions whose output width is chosen, in module order."""
+    return [m for m in model.modules() if _is_producer(m)]
 
 
 def full_widths(model: nn.Module) -> list[int]:

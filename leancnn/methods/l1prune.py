@@ -2,15 +2,19 @@
 baseline for channel pruning (Li, Kadav, Durdanovic, Samet, Graf, "Pruning
 Filters for Efficient ConvNets", ICLR 2017).
 
-Every removable channel group (see leancnn.methods.channels) keeps the same
-fraction of its filters, those with the largest L1 norms; the fraction is the
-largest that meets `macs` (a fraction of the model's dense MACs). The result is
-a thinner dense model; `leancnn compress` fine-tunes it.
+Every removable channel group of the traced channel graph (leancnn.methods.channel_graph:
+on any CNN, with the channels tied by residual additions, depthwise layers and
+concatenations removed together) keeps the same fraction of its channels, those
+whose filters have the largest L1 norms (summed over the group's producers); the
+fraction is the largest that meets `macs` (a fraction of the model's dense MACs),
+each group's count rounded to a multiple of `round_to`; then each group, widest
+first, grows while the budget holds (so the MACs land near the target, not a
+rounding step below it). The result is a thinner
+dense model; `leancnn compress` fine-tunes it.
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,13 +23,16 @@ from torch import nn
 from ..errors import ConfigError
 from ..measure import count
 from .base import Method, register_method
-from .channels import channel_groups, keep_channels, largest_fraction, shrink_to_widths
+from .channel_graph import ChannelGraph, channel_graph
+from .channels import (fill_to_budget, filter_norms, group_widths, keep_channels, largest_fraction, rounded_width,
+                       shrink_to_widths)
 
 
 @dataclass
 class L1PruneOptions:
     macs: float = 0.5   # target fraction of the dense MACs, in (0, 1]
-    widths: str = ""    # set by compress: producer:channels joined by '+', to rebuild the architecture
+    round_to: int = 1   # each group keeps a multiple of this many channels (8 suits CPU kernels)
+    widths: str = ""    # set by compress: group:channels joined by '+', to rebuild the architecture
 
 
 def parse_widths(text: str) -> dict[str, int]:
@@ -36,20 +43,9 @@ def parse_widths(text: str) -> dict[str, int]:
     return widths
 
 
-def l1_keep(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
-    """Per group, the indices of the filters with the largest L1 norms."""
-    keep = {}
-    for group in channel_groups(model):
-        weight = model.get_submodule(group.producer)[0].weight
-        count_kept = max(1, math.ceil(fraction * weight.shape[0]))
-        keep[group.producer] = weight.abs().sum(dim=(1, 2, 3)).topk(count_kept).indices
-    return keep
-
-
-def apply_keep(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
-    for group in channel_groups(model):
-        keep_channels(model, group, keep[group.producer])
-    return model
+def l1_keep(model: nn.Module, graph: ChannelGraph, counts: list[int]) -> dict[str, torch.Tensor]:
+    """Per group, the `counts` channels whose filters have the largest L1 norms."""
+    return {group.name: filter_norms(model, group, 1).topk(kept).indices for group, kept in zip(graph.groups, counts)}
 
 
 @register_method
@@ -64,6 +60,8 @@ class L1Prune(Method):
     def validate(self) -> None:
         if not 0 < self.options.macs <= 1:
             raise ConfigError(f"method 'l1prune': macs must be in (0, 1] (a fraction of the dense MACs), got {self.options.macs}")
+        if self.options.round_to < 1:
+            raise ConfigError(f"method 'l1prune': round_to must be a whole number >= 1, got {self.options.round_to}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if not self.options.widths:
@@ -72,13 +70,27 @@ class L1Prune(Method):
 
     def compress(self, model, context):
         shape = context.dataset.input_shape
+        example = torch.zeros(1, *shape)
+        graph = channel_graph(model, example)   # an untraceable model fails here, before anything changes
+        if not graph.groups:
+            raise ConfigError(f"method 'l1prune': {type(model).__name__} has no removable channel group")
         target = self.options.macs * count(model, shape).macs_dense
-        low = largest_fraction(
-            lambda fraction: count(apply_keep(copy.deepcopy(model), l1_keep(model, fraction)), shape).macs_dense <= target)
+        round_to = self.options.round_to
+
+        widths = [group.width for group in graph.groups]
+
+        def counts_at(fraction: float) -> list[int]:
+            return [rounded_width(width, fraction, round_to) for width in widths]
+
+        def fits(counts: list[int]) -> bool:
+            pruned = keep_channels(copy.deepcopy(model), graph, l1_keep(model, graph, counts))
+            return count(pruned, shape).macs_dense <= target
+
+        low = largest_fraction(lambda fraction: fits(counts_at(fraction)))
         if low == 0.0:
             raise ConfigError(f"method 'l1prune': macs={self.options.macs} is below what removing channels can reach")
-        pruned = apply_keep(model, l1_keep(model, low))
-        widths = "+".join(f"{g.producer}:{pruned.get_submodule(g.producer)[0].out_channels}"
-                          for g in channel_groups(pruned))
+        counts = fill_to_budget(counts_at(low), widths, fits, step=round_to)
+        pruned = keep_channels(model, graph, l1_keep(model, graph, counts))
         context.notes["l1prune_keep_fraction"] = round(low, 4)
-        return pruned, L1Prune(L1PruneOptions(macs=self.options.macs, widths=widths))
+        return pruned, L1Prune(L1PruneOptions(macs=self.options.macs, round_to=round_to,
+                                              widths=group_widths(pruned, example)))

@@ -13,7 +13,8 @@ STAGE_REPEATS = [4, 8, 4]
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    batch, channels, height, width = x.shape
+    # sizes read one by one, not unpacked: torch.fx (channel surgery's tracer) cannot unpack a shape
+    batch, channels, height, width = x.size(0), x.size(1), x.size(2), x.size(3)
     return x.view(batch, groups, channels // groups, height, width).transpose(1, 2).reshape(batch, channels, height, width)
 
 
