@@ -140,8 +140,8 @@ def main() -> None:
     log("measuring latency ...")
     rows = [row_for(run_dir, label, method, args) for run_dir, label, method in runs]
     summary = (f"{machine_line()}\n\n`.venv/bin/python benchmarks/channel_table.py` (then `--phase measure`). "
-               f"Dense models (each at the width its row names): {args.epochs} epochs on a {args.train_subset}-image subset of "
-               f"the training set, batch 128, lr {args.lr}, seed {args.seed}. `l1prune:macs=0.5` and `cap:macs=0.5` "
+               f"Dense models (each at the width its row names): {args.epochs} epochs on a "
+               f"{args.train_subset}-image subset of the training set, batch 128, lr {args.lr}, seed {args.seed}. `l1prune:macs=0.5` and `cap:macs=0.5` "
                f"start from the same dense model and are fine-tuned for {args.finetune} epoch(s); "
                f"`{DNR_CHANNEL[1]}` trains {DNR_CHANNEL[0]} from scratch for the same {args.epochs} epochs. "
                f"Accuracy on the full 10k test set. Latency: {args.latency_threads} thread(s), batch 64, median of "

@@ -215,3 +215,22 @@ def test_half_the_macs_within_three_percent_and_a_plain_model_that_reloads(name,
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.rand(2, *shape)
     assert torch.equal(rebuilt.eval()(x), pruned.eval()(x))
+
+
+class SumsChannels(nn.Module):
+    """8 channels on an 8x8 map: a sum over channels has the shape a spatial mean would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.spatial = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.spatial(self.conv(x))
+        return self.head(y.mean(dim=(2, 3)) + y.sum(dim=1).mean(dim=2))
+
+
+def test_a_reduction_over_channels_fixes_them_though_its_shape_looks_spatial():
+    graph = channel_graph(SumsChannels(), torch.rand(1, 1, 8, 8))
+    assert [g.name for g in graph.groups] == ["conv"]   # spatial's output is summed over channels: fixed

@@ -49,7 +49,7 @@ def plain_at_widths(name: str, dynamic: nn.Module, widths: list[int]) -> nn.Modu
     return plain.eval()
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vgg11"])
+@pytest.mark.parametrize("name", ["resnet20", "vgg11", "mobilenetv2", "shufflenetv2", "resnet50"])
 def test_a_sub_network_equals_the_plain_model_at_its_widths(name):
     model, _ = dynamic_model(name)
     generator = torch.Generator().manual_seed(5)

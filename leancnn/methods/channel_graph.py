@@ -43,8 +43,8 @@ _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, operator.
            operator.imul, torch.add, torch.sub, torch.mul, torch.div}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 # Operations over space that keep each channel apart: pools, interpolation, spatial means.
-_SPATIAL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
-            torch.mean, torch.amax, torch.sum}
+_SPATIAL = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate}
+_REDUCTIONS = {torch.mean, torch.amax, torch.sum}   # kept only when they reduce space, not channels
 _SPATIAL_METHODS = {"mean", "amax", "sum"}
 # Operations that only move elements; allowed on channels only as the flatten into a classifier.
 _MOVES = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.chunk, torch.split,
@@ -165,14 +165,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except _TraceFailure as failure:
-        reason = str(failure.error).strip().splitlines()[0] if str(failure.error).strip() else type(failure.error).__name__
         raise ConfigError(f"channel surgery cannot trace module {failure.name} ({failure.kind}) of "
-                          f"{type(model).__name__} with torch.fx: {reason}") from None
+                          f"{type(model).__name__} with torch.fx: {_first_line(failure.error)}") from None
     except Exception as error:  # noqa: BLE001
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"channel surgery cannot trace {type(model).__name__}'s forward with torch.fx: "
-                          f"{reason}") from None
+                          f"{_first_line(error)}") from None
     return fx.GraphModule(model, graph)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class _UnionFind:
@@ -279,7 +282,14 @@ class _Shadow(fx.Interpreter):
             return first if first.shape == value.shape else self.unknown(inputs, value)
         if target in _BINARY or (is_method and target in _BINARY_METHODS):
             return self.shadow_binary(node, value, inputs)
-        if target in _SPATIAL or (is_method and target in _SPATIAL_METHODS):
+        if target in _REDUCTIONS or (is_method and target in _SPATIAL_METHODS):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            rank = first.dim() if isinstance(first, torch.Tensor) else 0
+            if not dims or any(d % max(rank, 1) in (0, 1) for d in dims):
+                return self.unknown(inputs, value)   # a reduction over channels (or everything)
+            return self.shadow_spatial(node, first, value, inputs)
+        if target in _SPATIAL:
             return self.shadow_spatial(node, first, value, inputs)
         if target in _CAT:
             return self.shadow_cat(node, value, inputs)
@@ -327,7 +337,7 @@ class _Shadow(fx.Interpreter):
             self.kinds[name] = "norm"
             self.record(name, "norm", vector)
             return given
-        if isinstance(module, _SAME_MODULES) and type(module) in _SAME_MODULES:
+        if type(module) in _SAME_MODULES:
             return given if given.shape == value.shape else self.unknown(inputs, value)
         if type(module) in _SPATIAL_MODULES:
             return self.shadow_spatial(node, given, value, inputs)

@@ -23,11 +23,11 @@ additions, depthwise layers or concatenations are one channel): a channel is mas
 by zeroing its filters in every producer and the shifts and means of the batch norms
 on it (leancnn.methods.channels.silence_channels), so it is exactly zero wherever it
 flows. After each epoch every group prunes the smallest-norm fraction of its active
-channels and regrows as many empty ones. Two departures from the weight mode, both forced by channels: an empty
-channel's output is zero, and ReLU passes no gradient at zero, so it has no
-momentum to rank it: regrowth picks empty channels at random and initialises
-them like a fresh layer (zero weights would stay dead); and each layer keeps
-its channel count (moving channels between layers would move the MAC budget,
+channels and regrows as many empty ones. Two departures from the weight mode, both
+forced by channels: an empty channel's output is zero, and ReLU passes no gradient
+at zero, so it has no momentum to rank it: regrowth picks empty channels at random
+and initialises them like a fresh layer (zero weights would stay dead); and each
+group keeps its channel count (moving channels between layers would move the MAC budget,
 which channel mode exists to cut: density d leaves about d^2 of the MACs of
 layers between two pruned ones). After training the empty channels are
 removed, leaving a thinner dense model; `widths` records its shape so the
