@@ -300,21 +300,21 @@ class CaP(Method):
             if len(sample) >= max(self.options.sample_batches, 1):
                 break
         folded = fold_groups(copy.deepcopy(model).eval(), graph, projectable)
+        sample_images = [images for images, _ in sample]
+        measured = projectable + ([] if self.options.coupled == "keep" else coupled)
+        spectrum_of = {g.name: s for g, s in zip(measured, principal_directions(folded, measured, sample_images))}
         chosen = projectable + (coupled if self.options.coupled == "select" else [])
-        spectra = principal_directions(folded, chosen, [images for images, _ in sample])
-        ranks = choose_ranks(model, graph, chosen, spectra, self.options, shape)
+        ranks = choose_ranks(model, graph, chosen, [spectrum_of[g.name] for g in chosen], self.options, shape)
         if ranks is None and self.options.coupled == "auto" and coupled:
             context.log(f"cap: the {len(projectable)} projectable channel groups cannot reach macs="
                         f"{self.options.macs} alone; also selecting channels in {len(coupled)} coupled groups")
             chosen = projectable + coupled
-            spectra = principal_directions(folded, chosen, [images for images, _ in sample])
-            ranks = choose_ranks(model, graph, chosen, spectra, self.options, shape)
+            ranks = choose_ranks(model, graph, chosen, [spectrum_of[g.name] for g in chosen], self.options, shape)
         if ranks is None:
             raise ConfigError(f"method 'cap': macs={self.options.macs} is below what compressing channels can reach"
                               + ("" if self.options.coupled != "keep" or not coupled else
                                  f" with coupled=keep ({len(coupled)} coupled groups keep their width)"))
         rank_of = {g.name: r for g, r in zip(chosen, ranks)}
-        spectrum_of = {g.name: s for g, s in zip(chosen, spectra)}
         selections = {g.name: leverage_channels(spectrum_of[g.name][0], rank_of[g.name])
                       for g in chosen if not graph.projectable(g) and rank_of[g.name] < g.width}
         if selections:   # coupled groups: keep the chosen channels; the projections act on what is left
@@ -322,7 +322,7 @@ class CaP(Method):
             graph = channel_graph(model, example)
             projectable = [g for g in graph.groups if graph.projectable(g)]
             folded = fold_groups(copy.deepcopy(model).eval(), graph, projectable)
-            spectra = principal_directions(folded, projectable, [images for images, _ in sample])
+            spectra = principal_directions(folded, projectable, sample_images)
         else:
             spectra = [spectrum_of[g.name] for g in projectable]
         ranks = [rank_of.get(g.name, g.width) for g in projectable]

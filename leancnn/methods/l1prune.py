@@ -43,9 +43,14 @@ def parse_widths(text: str) -> dict[str, int]:
     return widths
 
 
-def l1_keep(model: nn.Module, graph: ChannelGraph, counts: list[int]) -> dict[str, torch.Tensor]:
+def l1_order(model: nn.Module, graph: ChannelGraph) -> list[torch.Tensor]:
+    """Per group, its channels by falling L1 norm of their filters (ranked once, cut many times)."""
+    return [filter_norms(model, group, 1).argsort(descending=True, stable=True) for group in graph.groups]
+
+
+def l1_keep(graph: ChannelGraph, order: list[torch.Tensor], counts: list[int]) -> dict[str, torch.Tensor]:
     """Per group, the `counts` channels whose filters have the largest L1 norms."""
-    return {group.name: filter_norms(model, group, 1).topk(kept).indices for group, kept in zip(graph.groups, counts)}
+    return {group.name: ranked[:kept] for group, ranked, kept in zip(graph.groups, order, counts)}
 
 
 @register_method
@@ -78,19 +83,20 @@ class L1Prune(Method):
         round_to = self.options.round_to
 
         widths = [group.width for group in graph.groups]
+        order = l1_order(model, graph)
 
         def counts_at(fraction: float) -> list[int]:
             return [rounded_width(width, fraction, round_to) for width in widths]
 
         def fits(counts: list[int]) -> bool:
-            pruned = keep_channels(copy.deepcopy(model), graph, l1_keep(model, graph, counts))
+            pruned = keep_channels(copy.deepcopy(model), graph, l1_keep(graph, order, counts))
             return count(pruned, shape).macs_dense <= target
 
         low = largest_fraction(lambda fraction: fits(counts_at(fraction)))
         if low == 0.0:
             raise ConfigError(f"method 'l1prune': macs={self.options.macs} is below what removing channels can reach")
         counts = fill_to_budget(counts_at(low), widths, fits, step=round_to)
-        pruned = keep_channels(model, graph, l1_keep(model, graph, counts))
+        pruned = keep_channels(model, graph, l1_keep(graph, order, counts))
         context.notes["l1prune_keep_fraction"] = round(low, 4)
         return pruned, L1Prune(L1PruneOptions(macs=self.options.macs, round_to=round_to,
                                               widths=group_widths(pruned, example)))
