@@ -162,6 +162,36 @@ def test_plan_picks_the_fastest_measured_candidate_and_the_cache_replays_it(monk
     plans.forget_loaded()
 
 
+@needs_kernel
+def test_each_machine_keeps_its_own_plan_file_in_a_shared_cache_directory(monkeypatch, tmp_path):
+    # A home directory shared by two machines (or a forced instruction set): switching between
+    # them must not throw the other's plans away.
+    monkeypatch.delenv("LEANCNN_PLAN_CACHE", raising=False)
+    monkeypatch.setattr(plans, "cache_root", lambda: tmp_path)
+    timed = []
+    monkeypatch.setattr(plans, "time_candidates",
+                        lambda candidates, **_: timed.append(1) or {n: 1.0 + i for i, n in enumerate(candidates)})
+    weight, mask = masked_weight(8, 8, 3, 0.2, seed=3)
+    x = torch.randn(2, 8, 4, 4)
+
+    def run_on(machine):
+        monkeypatch.setattr(plans, "machine_id", lambda: machine)
+        plans.forget_loaded()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "measured on another machine" warning either
+            with torch.no_grad():
+                SparseConvInference(weight, None, 1, mask=mask)(x)
+
+    run_on("CPU A")
+    run_on("CPU B")
+    assert len(timed) == 2 and len(list(tmp_path.glob("plans-*.json"))) == 2
+    run_on("CPU A")  # back on the first machine: its plan is read, not timed again
+    assert len(timed) == 2
+    files = {json.loads(f.read_text())["machine"] for f in tmp_path.glob("plans-*.json")}
+    assert files == {"CPU A", "CPU B"}
+    plans.forget_loaded()
+
+
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "leancnn-plans-1", "machine": "another CPU",
                                                                 "plans": {}}),
                                      json.dumps({"format": "leancnn-plans-1", "machine": "MACHINE",

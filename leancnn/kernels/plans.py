@@ -1,9 +1,12 @@
 """Deploy plans: which implementation a layer runs, chosen by timing the candidates on
 this machine at the layer's real input (shape, batch size, memory format, threads),
 like FFTW's or oneDNN's plans. A plan is made the first time a deployed layer sees
-a new key, and kept in memory and in a cache file (~/.cache/leancnn/plans.json;
-LEANCNN_PLAN_CACHE names another file, LEANCNN_CACHE moves the directory) so the
-next process reproduces it without re-timing.
+a new key, and kept in memory and in a cache file, one per machine
+(~/.cache/leancnn/plans-<machine digest>.json; LEANCNN_PLAN_CACHE names one file for
+every machine, LEANCNN_CACHE moves the directory) so the next process reproduces it
+without re-timing. One file per machine, because a home directory shared by different
+machines (a cluster's nodes, a forced instruction set) would otherwise replace the other
+machine's plans at every switch and re-time every layer.
 
 The cache file names the machine it was measured on (CPU model, cores, the kernel's
 instruction set, torch version, kernel build). A file that does not parse, or that
@@ -13,6 +16,7 @@ rename, merged with what another process may have written since.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -44,9 +48,11 @@ def machine_id() -> str:
 
 
 def cache_path() -> Path:
-    """LEANCNN_PLAN_CACHE (a file), else plans.json in leancnn's cache directory."""
+    """LEANCNN_PLAN_CACHE (a file), else this machine's plans-<digest>.json in leancnn's cache directory."""
     override = os.environ.get("LEANCNN_PLAN_CACHE")
-    return Path(override) if override else cache_root() / "plans.json"
+    if override:
+        return Path(override)
+    return cache_root() / f"plans-{hashlib.sha256(machine_id().encode()).hexdigest()[:12]}.json"
 
 
 def _read_file(path: Path, machine: str, warn: bool) -> dict[str, Any]:
