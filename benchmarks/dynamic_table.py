@@ -64,8 +64,8 @@ def main() -> None:
     shape = tuple(architecture["input_shape"])
     dataset = load_dataset("fashion-mnist")
     chosen = json.loads((dynamic_dir / "log.jsonl").read_text().splitlines()[-1])["dynamic_subnets"]
-    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Sequential)
-             and len(m) and m[0] in producers(model)]
+    # The channel groups are named after their producer convolution (leancnn.methods.channels).
+    names = [name for name, m in model.named_modules() if any(m is p for p in producers(model))]
     full_macs = count(select_subnet(model, None), shape).macs_effective
     rows = []
     for index in range(subnet_count(model)):
