@@ -65,7 +65,8 @@ def main() -> None:
     dataset = load_dataset("fashion-mnist")
     chosen = json.loads((dynamic_dir / "log.jsonl").read_text().splitlines()[-1])["dynamic_subnets"]
     # The channel groups are named after their producer convolution (leancnn.methods.channels).
-    names = [name for name, m in model.named_modules() if any(m is p for p in producers(model))]
+    width_producers = producers(model)
+    names = [name for name, m in model.named_modules() if any(m is p for p in width_producers)]
     full_macs = count(select_subnet(model, None), shape).macs_effective
     rows = []
     for index in range(subnet_count(model)):
