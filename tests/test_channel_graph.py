@@ -13,7 +13,9 @@ from torch import nn
 
 from leancnn.errors import ConfigError
 from leancnn.methods.channel_graph import channel_graph
-from leancnn.methods.channels import keep_channels, shrink_to_widths, silence_channels, transform_channels
+from leancnn.measure import count
+from leancnn.methods.channels import (keep_channels, shrink_to_widths, silence_channels, transform_channels,
+                                      width_macs)
 from leancnn.models import MODELS, create_model
 
 from .test_user_models import USER_NET
@@ -107,6 +109,25 @@ def test_every_group_pruned_at_once_by_recorded_widths_rebuilds_the_same_shapes(
     rebuilt = shrink_to_widths(build(name)[0], widths, example)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
     assert pruned(torch.rand(2, 1, size, size)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", models())
+def test_width_macs_are_the_counted_macs_of_the_model_built_at_those_widths(name):
+    model, size = build(name)
+    graph = channel_graph(model, torch.rand(1, 1, size, size))
+    thin_macs = width_macs(model, graph, (1, size, size))
+    generator = torch.Generator().manual_seed(3)
+    # the full model, every group at one channel, then random counts kept as random subsets
+    trials = [{}, {g.name: 1 for g in graph.groups}]
+    trials += [{g.name: int(torch.randint(1, g.width + 1, (1,), generator=generator)) for g in graph.groups
+                if torch.rand(1, generator=generator) < 0.7} for _ in range(3)]
+    seen = set()
+    for kept in trials:
+        keep = {n: torch.randperm(graph.group(n).width, generator=generator)[:k] for n, k in kept.items()}
+        built = count(keep_channels(copy.deepcopy(model), graph, keep), (1, size, size)).macs_dense
+        assert thin_macs(kept) == built, f"{name}: {kept}"
+        seen.add(built)
+    assert len(seen) >= 3, f"{name}: the trials must differ in MACs for the comparison to mean anything"
 
 
 def test_a_full_width_orthonormal_projection_of_a_linear_chain_is_exact():

@@ -55,7 +55,7 @@ from ..surgery import replace_module
 from .base import Method, register_method
 from .channel_graph import ChannelGraph, ChannelGroup, channel_graph
 from .channels import (fill_to_budget, group_widths, keep_channels, largest_fraction, shrink_to_widths,
-                       transform_channels)
+                       transform_channels, width_macs)
 from .l1prune import parse_widths
 
 COUPLED = ("auto", "keep", "select")
@@ -250,9 +250,10 @@ def choose_ranks(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
             ranks.append(min(width, max(1, int((energy < level).sum()) + 1)))
         return ranks
 
+    thin_macs = width_macs(model, graph, input_shape)
+
     def macs(ranks: list[int]) -> int:
-        thin = keep_channels(copy.deepcopy(model), graph, {g.name: torch.arange(r) for g, r in zip(groups, ranks)})
-        return count(thin, input_shape).macs_dense
+        return thin_macs({g.name: r for g, r in zip(groups, ranks)})
 
     if not groups:
         return [] if count(model, input_shape).macs_dense <= target else None

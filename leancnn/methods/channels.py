@@ -10,12 +10,14 @@ unchanged model, so every group is transformed at once.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..measure import count
 from ..surgery import replace_module
 from .channel_graph import ChannelGraph, ChannelGroup, Site, channel_graph
 
@@ -51,19 +53,23 @@ def _axis_map(size: int, entries: list[tuple[Site, Transform]]) -> torch.Tensor:
                 for slot, position in enumerate(site.positions[j]):
                     source[new_index[position]] = site.positions[chosen][slot]
         return source
+    kept_positions = torch.tensor(kept, dtype=torch.long)
     matrix = torch.zeros(size, len(kept), dtype=torch.float64)
-    for p in kept:
-        matrix[p, new_index[p]] = 1.0
+    matrix[kept_positions, torch.arange(len(kept))] = 1.0
+    column_of = torch.full((size,), -1, dtype=torch.long)
+    column_of[kept_positions] = torch.arange(len(kept))
     for site, transform in entries:
         if transform.dim() == 1:
             transform = torch.eye(len(site.positions), dtype=torch.float64)[:, transform]
-        rank = transform.shape[1]
-        for j in range(rank):
-            for slot, position in enumerate(site.positions[j]):
-                column = new_index[position]
-                matrix[:, column] = 0.0
-                for c in range(len(site.positions)):
-                    matrix[site.positions[c][slot], column] = float(transform[c, j])
+        # New channel j of the group, slot s (a linear layer reads a channel at several positions),
+        # is the column of old position positions[j][s]: sum over c of transform[c, j] x old
+        # position positions[c][s]. Vectorised: per element, it was 29 s of CaP on mobilenetv2.
+        positions = torch.tensor(site.positions, dtype=torch.long)   # [width, slots]
+        width, rank, slots = positions.shape[0], transform.shape[1], positions.shape[1]
+        columns = column_of[positions[:rank]]                        # [rank, slots]
+        matrix[:, columns.flatten()] = 0.0
+        matrix[positions[:, None, :].expand(width, rank, slots), columns[None].expand(width, rank, slots)] = \
+            transform.double()[:, :, None].expand(width, rank, slots)
     return matrix
 
 
@@ -155,6 +161,48 @@ def keep_channels(model: nn.Module, graph: ChannelGraph, keep: dict[str, torch.T
     """Keep only channels `keep[group]` (indices, in their original order) of each group named."""
     return transform_channels(model, graph, {name: torch.as_tensor(indices, dtype=torch.long).sort().values
                                              for name, indices in keep.items()})
+
+
+def width_macs(model: nn.Module, graph: ChannelGraph, input_shape: tuple[int, ...]) -> Callable[[dict[str, int]], int]:
+    """A function of the channels each group keeps (`{group: count}`, unnamed groups whole) to the
+    dense MACs of `model` thinned to them, as `keep_channels` would build it and `count` count it.
+
+    From one count of the full model: a convolution's or linear layer's MACs scale with the
+    fraction of its output and of its input positions kept, a depthwise convolution's with the
+    fraction of its channels (the positions removed are those `keep_channels` removes: which
+    channels are kept does not change how many). A search over widths calls this hundreds of
+    times; building and counting each trial model took 0.12 s on mobilenetv2 (CaP's search: 350
+    s). A layer the formula does not cover (inside a layer that counts its own cost) makes every
+    call build and count the thinner model instead."""
+    rows = {row.name: row.cost.macs_dense for row in count(model, input_shape).layers}
+    axes: dict[tuple[str, str], list[tuple[str, tuple[int, ...]]]] = {}   # (layer, axis) -> (group, positions per channel)
+    for group in graph.groups:
+        for site in group.sites:
+            if site.role != "norm":
+                axes.setdefault((site.module, _axis(site.role)), []).append(
+                    (group.name, tuple(len(positions) for positions in site.positions)))
+    layers = {module for module, _ in axes}
+    if any(module not in rows for module in layers):
+        def built(kept: dict[str, int]) -> int:
+            thin = keep_channels(copy.deepcopy(model), graph, {name: torch.arange(n) for name, n in kept.items()})
+            return count(thin, input_shape).macs_dense
+        return built
+    fixed = sum(macs for name, macs in rows.items() if name not in layers)
+
+    def macs(kept: dict[str, int]) -> int:
+        total = fixed
+        for module in layers:
+            numerator, denominator = rows[module], 1
+            for axis in ("out", "in", "channels"):
+                entries = axes.get((module, axis))
+                if entries is None:
+                    continue
+                size = graph.axis_sizes[(module, "pass" if axis == "channels" else axis)]
+                removed = sum(sum(counts[kept[name]:]) for name, counts in entries if name in kept)
+                numerator, denominator = numerator * (size - removed), denominator * size
+            total += numerator // denominator   # exact: a layer's MACs are a multiple of its axes' sizes
+        return total
+    return macs
 
 
 def shrink_to_widths(model: nn.Module, widths: dict[str, int], example: torch.Tensor | None = None) -> nn.Module:

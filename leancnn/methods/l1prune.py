@@ -14,7 +14,6 @@ dense model; `leancnn compress` fine-tunes it.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from ..measure import count
 from .base import Method, register_method
 from .channel_graph import ChannelGraph, channel_graph
 from .channels import (fill_to_budget, filter_norms, group_widths, keep_channels, largest_fraction, rounded_width,
-                       shrink_to_widths)
+                       shrink_to_widths, width_macs)
 
 
 @dataclass
@@ -88,9 +87,10 @@ class L1Prune(Method):
         def counts_at(fraction: float) -> list[int]:
             return [rounded_width(width, fraction, round_to) for width in widths]
 
+        thin_macs = width_macs(model, graph, shape)
+
         def fits(counts: list[int]) -> bool:
-            pruned = keep_channels(copy.deepcopy(model), graph, l1_keep(graph, order, counts))
-            return count(pruned, shape).macs_dense <= target
+            return thin_macs({group.name: n for group, n in zip(graph.groups, counts)}) <= target
 
         low = largest_fraction(lambda fraction: fits(counts_at(fraction)))
         if low == 0.0:
