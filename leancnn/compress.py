@@ -174,6 +174,12 @@ def compress(model: nn.Module, specs: str | list[str], *, data: ImageDataset | t
     return model, CompressRecord(resolved, context.notes, context.epochs_log, selection, test)
 
 
+def finetune_seconds(record: CompressRecord) -> float:
+    """Seconds the fine-tuning epochs took; a compressed run's training time is its parent's plus
+    these (what the model cost to make, which the bench's trade-off compares)."""
+    return sum(float(entry.get("seconds", 0.0)) for entry in record.finetune_log)
+
+
 def compress_run(run_dir: Path, specs: list[str], *, epochs: int, out: Path | None, lr: float | None = None,
                  progress: bool = True, latency: bool = True) -> RunOutcome | None:
     """`compress` on a trained run (its model, methods, data and config) into the new run `out`:
@@ -222,8 +228,8 @@ def _write_compressed_run(run_dir: Path, out: Path, model: nn.Module, record: Co
     robust, settings = robust_figures([parse_method(s) for s in specs], model, dataset, config.eval_batch_size)
     result = RunResult(dataset=parent.dataset, model=parent.model, methods=new_architecture["methods"],
                        epochs=parent.epochs, seed=parent.seed, test_acc=test.top1, test_top5=test.top5, robust=robust,
-                       train_seconds=parent.train_seconds, versions={**versions(), "machine": machine()},
-                       extra=settings)
+                       train_seconds=round((parent.train_seconds or 0.0) + finetune_seconds(record), 3),
+                       versions={**versions(), "machine": machine()}, extra=settings)
     result.extra["compress"] = {"from": str(run_dir), "finetune_epochs": epochs,
                                 "test_acc_original": record.test_accuracy["original"],
                                 "test_acc_before_finetune": record.test_accuracy["compressed"], **record.notes}

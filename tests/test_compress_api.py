@@ -2,6 +2,8 @@
 same call that `leancnn compress RUN` makes."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from leancnn.config import load_config
 from leancnn.errors import ConfigError
 from leancnn.experiment import prepare_data
 from leancnn.measure import count
-from leancnn.runs import load_run, load_run_with_methods
+from leancnn.runs import load_run, load_run_with_methods, read_result
 
 
 def test_the_library_call_and_the_command_give_the_same_model(synthetic_vgg, tmp_path):
@@ -29,6 +31,11 @@ def test_the_library_call_and_the_command_give_the_same_model(synthetic_vgg, tmp
         assert torch.equal(by_call.state_dict()[name], value), name
     assert record.methods[0].startswith("l1prune:macs=0.5") and len(record.finetune_log) == 1
     assert set(record.test_accuracy) == {"original", "compressed", "finetuned"}
+    # The compressed run's training time is its parent's plus its fine-tuning epoch's.
+    finetuned = read_result(out)
+    epoch_seconds = json.loads((out / "log.jsonl").read_text().splitlines()[0])["seconds"]
+    assert epoch_seconds > 0
+    assert finetuned.train_seconds == pytest.approx(synthetic_vgg.result.train_seconds + epoch_seconds, abs=2e-3)
 
 
 def test_tensors_or_batches_of_a_model_in_hand(synthetic_vgg):
