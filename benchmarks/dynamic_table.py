@@ -1,8 +1,10 @@
 """Run-time dynamic sub-networks on Fashion-MNIST: one resnet20 trained with `dynamic` (the
 sandwich rule, in-place distillation), its sub-networks at ~100%, 70%, 50% and 35% of the MACs
 as the search chose them, each against the same architecture trained alone from scratch for the
-same number of epochs (built with `l1prune:widths=...`, leancnn's rebuild of a thinner
-architecture from recorded widths; the full one is the plain dense model).
+same number of epochs on as many images as the dynamic network trained on (its subset less the
+search's hold-out; `--alone-subset N` sets another count), built with `l1prune:widths=...`,
+leancnn's rebuild of a thinner architecture from recorded widths; the full one is the plain
+dense model.
 
 Test accuracy on the full 10k test set; a sub-network is the dynamic model switched to it
 (`select_subnet`: its widths and its own batch-norm statistics). Finished runs are skipped.
@@ -25,6 +27,7 @@ from leancnn.data import load_dataset
 from leancnn.experiment import ensure_run
 from leancnn.measure import count
 from leancnn.measure.robustness import clean_accuracy
+from leancnn.methods import parse_method
 from leancnn.methods.dynamic import producers, select_subnet, subnet_count, subnet_widths
 from leancnn.runs import load_run, read_result
 
@@ -42,6 +45,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "dynamic"))
+    parser.add_argument("--alone-subset", type=int, default=0,
+                        help="training images of the models trained alone (default 0: as many as the dynamic network "
+                             "trained on, the subset less the search's hold-out)")
     parser.add_argument("--quick", action="store_true", help="a toy run (1 epoch, 1000 images): nothing published")
     args = parser.parse_args()
     if args.quick:
@@ -49,17 +55,21 @@ def main() -> None:
         args.spec += ",candidates=6,holdout=200,recalibrate=200"
     pin_threads(args.threads)
 
-    def train(name: str, methods: list[str]) -> Path:
+    # The dynamic network trains on its subset less the search's hold-out: the models alone get as many images.
+    dynamic_images = args.train_subset - parse_method(args.spec).holdout_images(args.train_subset)
+    alone_images = args.alone_subset or dynamic_images
+
+    def train(name: str, methods: list[str], images: int) -> Path:
         out = Path(args.out) / name
         config = TrainConfig(data="fashion-mnist", model=args.model, width=args.width, epochs=args.epochs,
-                             train_subset=args.train_subset, seed=args.seed, threads=args.threads, lr=args.lr,
+                             train_subset=images, seed=args.seed, threads=args.threads, lr=args.lr,
                              batch_size=128, methods=methods, latency=False, out=str(out)).validate()
         log(f"{name}: {', '.join(methods) or 'dense'} ...")
         result = ensure_run(config, progress=False)
         log(f"    {result.test_acc:.4f}, {result.train_seconds:.0f} s of training")
         return out
 
-    dynamic_dir = train(f"{args.model}-w{args.width}-dynamic", [args.spec])
+    dynamic_dir = train(f"{args.model}-w{args.width}-dynamic", [args.spec], args.train_subset)
     model, architecture = load_run(dynamic_dir)
     shape = tuple(architecture["input_shape"])
     dataset = load_dataset("fashion-mnist")
@@ -76,9 +86,10 @@ def main() -> None:
         macs = count(model, shape).macs_effective
         full = widths == [conv.out_channels for conv in producers(model)]
         spec = "+".join(f"{n}:{w}" for n, w in zip(names, widths))
-        alone_dir = train(f"{args.model}-w{args.width}-dense" if full else  # named by its widths: reused only for them
-                          f"{args.model}-w{args.width}-alone-{'-'.join(map(str, widths))}",
-                          [] if full else [f"l1prune:widths={spec}"])
+        images = "" if alone_images == args.train_subset else f"-n{alone_images}"
+        alone_dir = train(f"{args.model}-w{args.width}-dense{images}" if full else  # by its widths: reused only for them
+                          f"{args.model}-w{args.width}-alone-{'-'.join(map(str, widths))}{images}",
+                          [] if full else [f"l1prune:widths={spec}"], alone_images)
         alone = read_result(alone_dir)
         rows.append({"target": chosen[index]["target"], "widths": widths, "mac_fraction": macs / full_macs,
                      "macs": macs, "dynamic_test_acc": dynamic_acc, "holdout_acc": chosen[index]["holdout_acc"],
@@ -100,7 +111,8 @@ def main() -> None:
                f"Fashion-MNIST, {args.epochs} epochs, batch 128, SGD+Nesterov, one-cycle lr {args.lr}, seed {args.seed} "
                f"for every model. `{args.spec}`: the dynamic network trained once ({dynamic_seconds:.0f} s at "
                f"{args.threads} thread(s); the models alone took {alone_seconds:.0f} s together), holding out "
-               f"the search's training images. Widths: the inner channels of each basic block, the only channels "
+               f"{args.train_subset - dynamic_images} of its images for the search; each model alone trained on "
+               f"{alone_images} images. Widths: the inner channels of each basic block, the only channels "
                f"leancnn's channel groups narrow in a ResNet (block outputs stay full: the additions need them).")
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)

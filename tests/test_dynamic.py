@@ -125,6 +125,28 @@ def test_sandwich_loss_by_hand_and_the_running_statistics_stay_the_full_networks
     assert full_widths(model) == [m.active_out for m in model.modules() if getattr(m, "active_out", None)]
 
 
+def test_narrower_mean_weighs_the_narrower_passes_by_one_over_their_count():
+    # Same weights and step: with 3 narrower passes, the summed rule adds 3x what the mean adds
+    # to the full network's loss (the full pass alone is the same in both).
+    losses = {}
+    for narrower in ("sum", "mean"):
+        model, method = dynamic_model("resnet20", f"dynamic:random=2,distill=false,narrower={narrower}")
+        torch.manual_seed(5)
+        for tensor in model.state_dict().values():   # the two models get identical weights
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) - 0.5)
+        images, labels = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(8)
+        model.train()
+        set_widths(model, full_widths(model))
+        with torch.no_grad():
+            full_only = F.cross_entropy(model(images), labels).item()
+        losses[narrower] = (method.loss(Stub(model), images, labels).item(), full_only)
+    (summed, full_sum), (mean, full_mean) = losses["sum"], losses["mean"]
+    assert full_sum == pytest.approx(full_mean, rel=1e-6)
+    assert summed - full_sum > 0.1
+    assert summed - full_sum == pytest.approx(3 * (mean - full_mean), rel=1e-4)
+
+
 def test_hold_out_is_a_seeded_disjoint_split():
     images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1)
     dataset = ImageDataset(name="toy", train_images=images, train_labels=torch.arange(40), test_images=images[:4],
@@ -163,6 +185,7 @@ def test_a_trained_run_keeps_sub_networks_within_their_targets_and_they_reload(t
     ("dynamic:smallest=0", "smallest"),
     ("dynamic:candidates=0", "candidates must be >= 1"),
     ("dynamic:front=flops", "front must be one of latency, macs"),
+    ("dynamic:narrower=max", "narrower must be one of sum, mean"),
 ])
 def test_bad_options_fail_in_one_line(spec, message):
     with pytest.raises(ConfigError, match=message):

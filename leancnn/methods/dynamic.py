@@ -48,6 +48,7 @@ MACS_SLACK = 0.02              # a candidate may exceed its MAC target by this f
 MACS_BAND = 0.1                # ... and fall below it by this much (a fraction of the full network's MACs)
 SEARCH_BATCH = 64              # the batch latency is measured at (what a server batches)
 FRONTS = {"latency": "latency_ms", "macs": "macs"}
+NARROWER = ("sum", "mean")
 
 
 def parse_fractions(text: str, owner: str) -> list[float]:
@@ -66,6 +67,9 @@ class DynamicOptions:
     smallest: float = 0.25            # the narrowest width fraction a layer trains at
     random: int = 2                   # random sub-networks per step beside the largest and the smallest
     distill: bool = True              # the narrower ones learn the largest one's soft outputs
+    narrower: str = "sum"             # how the narrower passes' losses join the largest one's: summed
+    #                                   (the sandwich rule as published) or their mean (the largest
+    #                                   network's gradient then dominates the shared channels)
     candidates: int = 48              # sub-networks the search measures
     holdout: int = 2000               # training images kept out of training for the search
     recalibrate: int = 2000           # images batch-norm statistics are re-estimated on, per sub-network
@@ -95,6 +99,8 @@ class Dynamic(Method):
                 raise ConfigError(f"{owner}: {field_name} must be >= 0, got {getattr(o, field_name)}")
         if o.candidates < 1:
             raise ConfigError(f"{owner}: candidates must be >= 1, got {o.candidates}")
+        if o.narrower not in NARROWER:
+            raise ConfigError(f"{owner}: narrower must be one of {', '.join(NARROWER)}, got {o.narrower!r}")
         if o.front not in FRONTS:
             raise ConfigError(f"{owner}: front must be one of {', '.join(FRONTS)}, got {o.front!r}")
 
@@ -136,15 +142,17 @@ class Dynamic(Method):
         generator = torch.Generator().manual_seed(self.options.seed * 1_000_003 + trainer.state.step)
         narrower = [[max(1, round(self.options.smallest * w)) for w in full]]
         narrower += [random_widths(full, self.options.smallest, generator) for _ in range(self.options.random)]
+        weight = 1.0 if self.options.narrower == "sum" else 1.0 / len(narrower)
         freeze_statistics(model, True)   # the running statistics stay the largest sub-network's
         try:
             for widths in narrower:
                 set_widths(model, widths)
                 out = model(images)
                 if self.options.distill:
-                    loss = loss + torch.sum(-soft * F.log_softmax(out, dim=1), dim=1).mean()
+                    narrow_loss = torch.sum(-soft * F.log_softmax(out, dim=1), dim=1).mean()
                 else:
-                    loss = loss + trainer.loss_fn(out, labels)
+                    narrow_loss = trainer.loss_fn(out, labels)
+                loss = loss + weight * narrow_loss
         finally:
             freeze_statistics(model, False)
             set_widths(model, full)
