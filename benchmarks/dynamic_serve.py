@@ -1,6 +1,6 @@
 """Serving a dynamic resnet20's sub-networks against separately trained models of the same widths:
 two zoos from benchmarks/dynamic_table.py's runs (the dynamic run: its sub-networks; the models
-trained alone at the same widths, and the dense one), each served by `leancnn serve` with the
+trained alone at the same widths and the dense one, as its last table lists them in table.json), each served by `leancnn serve` with the
 adaptive policy under the load of benchmarks/serve_load.py (Poisson arrivals, deadlines uniform
 in a range, Fashion-MNIST test images as PNG), at each rate; and the memory the zoo's models hold:
 the bytes of every distinct tensor storage reachable from the runtime's models (weights, batch-norm
@@ -8,7 +8,7 @@ statistics, a deployed layer's packed weights), and the serving worker's RSS fro
 
 Run benchmarks/dynamic_table.py first.
 
-    .venv/bin/python benchmarks/dynamic_serve.py
+    .venv/bin/python benchmarks/dynamic_serve.py [--runs benchmarks/out/dynamic]
 """
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     runs = Path(args.runs)
     dynamic = sorted(runs.glob("*-dynamic"))
-    separate = sorted(runs.glob("*-alone-*")) + sorted(runs.glob("*-dense"))
+    table = runs / "table.json"   # the last table's models alone (the directory may hold others)
+    separate = [Path(row["alone_run"]) for row in json.loads(table.read_text())] if table.is_file() else []
     if not dynamic or not separate or not all((p / "result.json").is_file() for p in dynamic + separate):
-        raise LeancnnError(f"{runs}: run benchmarks/dynamic_table.py first (its dynamic and alone runs)")
+        raise LeancnnError(f"{runs}: run benchmarks/dynamic_table.py --out {runs} first (its dynamic and alone runs)")
     zoos = {"dynamic (one set of weights)": runs / "zoo-dynamic", "separate models": runs / "zoo-separate"}
     for (label, zoo), sources in zip(zoos.items(), (dynamic, separate)):
         if not (zoo / "manifest.json").is_file():
@@ -92,13 +93,14 @@ def main() -> None:
         lines.append(f"| {r['zoo']} | {len(r['models'])} | {r['rate']:g} | {100 * r['hit_rate']:.1f}% | "
                      f"{100 * r['accuracy']:.2f}% | {r['p99_ms']:.2f} | {r['expired']} | {r['shed']} | "
                      f"{r['model_bytes'] / 1024:.0f} KiB | {r['worker_rss_bytes'] / 2**20:.0f} MiB |")
+    shown = runs.resolve().relative_to(ROOT) if runs.resolve().is_relative_to(ROOT) else runs
     summary = (f"{machine_line()}\n\nThe adaptive policy, 1 inference thread"
                + (f" on CPU {ALL_CPUS[-1]}, event loop and clients on CPU {ALL_CPUS[:-1]}" if pinned else "")
                + f", plans at p99 of measured times; {args.requests} requests per rate, deadlines uniform in "
                f"[{args.deadline_ms[0]:g}, {args.deadline_ms[1]:g}] ms. Model memory: distinct tensor storages "
                f"reachable from the runtime's models (a deployed model's TorchScript graph keeps frozen copies of "
                f"its weights too, not counted: they only add to the separate zoo); worker RSS includes torch "
-               f"itself. `.venv/bin/python benchmarks/dynamic_serve.py`")
+               f"itself. `.venv/bin/python benchmarks/dynamic_serve.py --runs {shown}`")
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)
     publish("dynamic_serve", block, rows, "docs/methods/dynamic.md")

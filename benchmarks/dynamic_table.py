@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import log, machine_line, pin_threads, publish
+from common import log, machine_line, pin_threads, publish, write_json
 
 from leancnn.config import TrainConfig
 from leancnn.data import load_dataset
@@ -116,6 +116,7 @@ def main() -> None:
                f"leancnn's channel groups narrow in a ResNet (block outputs stay full: the additions need them).")
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)
+    write_json(Path(args.out) / "table.json", rows)   # benchmarks/dynamic_serve.py serves these runs
     if not args.quick:
         publish("dynamic_table", block, rows, "docs/methods/dynamic.md")
 

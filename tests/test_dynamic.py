@@ -98,13 +98,13 @@ class Stub:
 
 
 def test_sandwich_loss_by_hand_and_the_running_statistics_stay_the_full_networks():
-    model, method = dynamic_model("resnet20", "dynamic:smallest=0.5,random=1")
+    model, method = dynamic_model("resnet20", "dynamic:smallest=0.5,random=1,narrower=sum")
     images, labels = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     model.train()
     loss = method.loss(Stub(model), images, labels)
     after = [m.running_mean.clone() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     # By hand: the full network on labels; the half-width one and the step's random one on its soft outputs.
-    reference, _ = dynamic_model("resnet20", "dynamic:smallest=0.5,random=1")
+    reference, _ = dynamic_model("resnet20", "dynamic:smallest=0.5,random=1,narrower=sum")
     reference.load_state_dict(dict(model.state_dict(), **{k: v for k, v in reference.state_dict().items()
                                                           if "running" in k or "tracked" in k}))
     reference.train()

@@ -6,8 +6,10 @@ search picks the sub-networks to switch among at run time.
 training recipe of slimmable and universally slimmable networks (Yu et al., ICLR 2019 and
 ICCV 2019): per step the largest sub-network on the labels, the smallest and `random`
 random non-uniform ones on the largest one's soft outputs (the sandwich rule and in-place
-distillation), gradients summed; batch-norm statistics re-estimated per chosen sub-network
-after training.
+distillation); the narrower losses join the largest one's as their mean (`narrower=mean`,
+the default: the published rule sums them, `narrower=sum`, which in 5-epoch trainings left
+every sub-network 1.4-1.7 points below the same widths trained alone); batch-norm statistics
+re-estimated per chosen sub-network after training.
 
 The channels that may narrow are the channel groups of the traced channel graph
 (leancnn.methods.channel_graph) that one convolution produces and every layer on them holds
@@ -67,9 +69,9 @@ class DynamicOptions:
     smallest: float = 0.25            # the narrowest width fraction a layer trains at
     random: int = 2                   # random sub-networks per step beside the largest and the smallest
     distill: bool = True              # the narrower ones learn the largest one's soft outputs
-    narrower: str = "sum"             # how the narrower passes' losses join the largest one's: summed
-    #                                   (the sandwich rule as published) or their mean (the largest
-    #                                   network's gradient then dominates the shared channels)
+    narrower: str = "mean"            # how the narrower passes' losses join the largest one's: their
+    #                                   mean (measured better in short trainings: docs/methods/dynamic.md)
+    #                                   or their sum (the sandwich rule as published)
     candidates: int = 48              # sub-networks the search measures
     holdout: int = 2000               # training images kept out of training for the search
     recalibrate: int = 2000           # images batch-norm statistics are re-estimated on, per sub-network
