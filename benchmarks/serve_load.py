@@ -91,7 +91,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, client) -> None:
-        for _ in range(600):
+        # Up to 300 s, the fork server's own start limit: a first start may build the kernel (~60 s).
+        for _ in range(3000):
             try:
                 if client.get(self.url + "/health").status_code == 200:
                     return

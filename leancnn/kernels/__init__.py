@@ -15,9 +15,12 @@ to the masked dense convolution.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -47,7 +50,11 @@ def kernel_build_id() -> str:
 
 
 def cache_dir() -> Path:
-    return cache_root() / "kernels" / f"psconv-{kernel_build_id()}"
+    """The build's directory: one per source text and flags (the build id) and per torch
+    installation, since torch's build file names the installation's headers by path: two virtual
+    environments sharing the cache would otherwise rebuild it in turn at every switch."""
+    installation = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:6]
+    return cache_root() / "kernels" / f"psconv-{kernel_build_id()}-{installation}"
 
 
 def psconv_extension(verbose: bool = False) -> ModuleType | None:
@@ -58,13 +65,7 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
         _state["psconv"] = None
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        build = cache_dir()
-        build.mkdir(parents=True, exist_ok=True)
-        module = load(name="leancnn_psconv", sources=[str(SOURCE_DIR / name) for name in COMPILED], build_directory=str(build),
-                      extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"],
-                      extra_include_paths=[str(SOURCE_DIR)], verbose=verbose)
+        module = _load_built(verbose)
     except Exception as error:  # no compiler, no ninja, a failed build: run the masked dense path
         first_line = (str(error).strip().splitlines() or ["unknown error"])[-1]
         warnings.warn(f"leancnn: the compiled pSConv kernel is unavailable ({first_line}); "
@@ -74,6 +75,37 @@ def psconv_extension(verbose: bool = False) -> ModuleType | None:
         _register_operator_shapes()
     _state["psconv"] = module
     return module
+
+
+def _load_built(verbose: bool = False) -> ModuleType:
+    """Build (if needed) and load the kernel module from the cache, safely for many processes and
+    checkouts at once.
+
+    - The sources are compiled from a copy inside the build directory (its name is a hash of
+      their text), not from this checkout: torch's build file names its sources by path, so two
+      checkouts sharing the cache and a torch (a CI clone beside the working tree) rebuilt it in
+      turn at every switch (60-70 s on 2 cores).
+    - Builds are serialised by an advisory lock the system drops when its holder dies. torch's
+      own lock is a file that a process killed mid-build leaves behind, and every later process
+      then waited for it forever (seen: a server stopped during its first start's build); holding
+      ours, any such file is stale and is removed."""
+    from torch.utils.cpp_extension import load
+
+    build = cache_dir()
+    sources = build / "src"
+    sources.mkdir(parents=True, exist_ok=True)
+    with open(build / "leancnn-build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for path in SOURCES:
+            target = sources / path.name
+            if not target.exists():   # the same text by the directory's hash: an existing copy keeps its time
+                with tempfile.NamedTemporaryFile(dir=sources, delete=False) as copy:
+                    shutil.copyfileobj(path.open("rb"), copy)
+                os.replace(copy.name, target)
+        (build / "lock").unlink(missing_ok=True)
+        return load(name="leancnn_psconv", sources=[str(sources / name) for name in COMPILED],
+                    build_directory=str(build), extra_cflags=BUILD_FLAGS.split(), extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(sources)], verbose=verbose)
 
 
 def kernel_library() -> Path | None:
