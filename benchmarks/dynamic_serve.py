@@ -9,6 +9,7 @@ statistics, a deployed layer's packed weights), and the serving worker's RSS fro
 Run benchmarks/dynamic_table.py first.
 
     .venv/bin/python benchmarks/dynamic_serve.py [--runs benchmarks/out/dynamic]
+    .venv/bin/python benchmarks/dynamic_serve.py --quick   # after dynamic_table.py --quick: nothing published
 """
 from __future__ import annotations
 
@@ -50,11 +51,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--deadline-ms", type=float, nargs=2, default=[10.0, 50.0], metavar=("LOW", "HIGH"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a toy run (40 requests at 50/s) on the runs of "
+                        "`dynamic_table.py --quick`: nothing published")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.rates, args.requests = str(Path(args.runs) / "quick"), [50.0], 40
     runs = Path(args.runs)
-    dynamic = sorted(runs.glob("*-dynamic"))
-    table = runs / "table.json"   # the last table's models alone (the directory may hold others)
-    separate = [Path(row["alone_run"]) for row in json.loads(table.read_text())] if table.is_file() else []
+    table_file = runs / "table.json"   # the last table's runs (the directory may hold others, and the zoos)
+    table = json.loads(table_file.read_text()) if table_file.is_file() else {"dynamic_run": None, "rows": []}
+    dynamic = [Path(table["dynamic_run"])] if table["dynamic_run"] else []
+    separate = [Path(row["alone_run"]) for row in table["rows"]]
     if not dynamic or not separate or not all((p / "result.json").is_file() for p in dynamic + separate):
         raise LeancnnError(f"{runs}: run benchmarks/dynamic_table.py --out {runs} first (its dynamic and alone runs)")
     zoos = {"dynamic (one set of weights)": runs / "zoo-dynamic", "separate models": runs / "zoo-separate"}
@@ -103,7 +109,8 @@ def main() -> None:
                f"itself. `.venv/bin/python benchmarks/dynamic_serve.py --runs {shown}`")
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)
-    publish("dynamic_serve", block, rows, "docs/methods/dynamic.md")
+    if not args.quick:
+        publish("dynamic_serve", block, rows, "docs/methods/dynamic.md")
 
 
 if __name__ == "__main__":

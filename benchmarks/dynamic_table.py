@@ -116,7 +116,8 @@ def main() -> None:
                f"leancnn's channel groups narrow in a ResNet (block outputs stay full: the additions need them).")
     block = f"{summary}\n\n" + "\n".join(lines)
     print(block)
-    write_json(Path(args.out) / "table.json", rows)   # benchmarks/dynamic_serve.py serves these runs
+    # benchmarks/dynamic_serve.py serves these runs
+    write_json(Path(args.out) / "table.json", {"dynamic_run": str(dynamic_dir), "rows": rows})
     if not args.quick:
         publish("dynamic_table", block, rows, "docs/methods/dynamic.md")
 
