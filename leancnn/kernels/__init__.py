@@ -99,8 +99,8 @@ def _load_built(verbose: bool = False) -> ModuleType:
         for path in SOURCES:
             target = sources / path.name
             if not target.exists():   # the same text by the directory's hash: an existing copy keeps its time
-                with tempfile.NamedTemporaryFile(dir=sources, delete=False) as copy:
-                    shutil.copyfileobj(path.open("rb"), copy)
+                with path.open("rb") as source, tempfile.NamedTemporaryFile(dir=sources, delete=False) as copy:
+                    shutil.copyfileobj(source, copy)
                 os.replace(copy.name, target)
         (build / "lock").unlink(missing_ok=True)
         return load(name="leancnn_psconv", sources=[str(sources / name) for name in COMPILED],
