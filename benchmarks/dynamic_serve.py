@@ -1,7 +1,7 @@
 """Serving a dynamic resnet20's sub-networks against separately trained models of the same widths:
 two zoos from benchmarks/dynamic_table.py's runs (the dynamic run: its sub-networks; the models
-trained alone at the same widths and the dense one, as its last table lists them in table.json), each served by `leancnn serve` with the
-adaptive policy under the load of benchmarks/serve_load.py (Poisson arrivals, deadlines uniform
+trained alone at the same widths and the dense one, as its last table lists them in table.json),
+each served by `leancnn serve` with the adaptive policy under the load of benchmarks/serve_load.py (Poisson arrivals, deadlines uniform
 in a range, Fashion-MNIST test images as PNG), at each rate; and the memory the zoo's models hold:
 the bytes of every distinct tensor storage reachable from the runtime's models (weights, batch-norm
 statistics, a deployed layer's packed weights), and the serving worker's RSS from /metrics.

@@ -84,7 +84,7 @@ def main() -> None:
         select_subnet(model, index)
         dynamic_acc = clean_accuracy(model, dataset.test_images, dataset.test_labels)
         macs = count(model, shape).macs_effective
-        full = widths == [conv.out_channels for conv in producers(model)]
+        full = widths == [conv.out_channels for conv in width_producers]
         spec = "+".join(f"{n}:{w}" for n, w in zip(names, widths))
         images = "" if alone_images == args.train_subset else f"-n{alone_images}"
         alone_dir = train(f"{args.model}-w{args.width}-dense{images}" if full else  # by its widths: reused only for them

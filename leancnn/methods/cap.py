@@ -50,7 +50,6 @@ from torch import nn
 from ..data import BatchLoader
 from ..deploy import folded_weight_and_bias
 from ..errors import ConfigError
-from ..measure import count
 from ..surgery import replace_module
 from .base import Method, register_method
 from .channel_graph import ChannelGraph, ChannelGroup, channel_graph
@@ -239,7 +238,6 @@ def choose_ranks(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
                  options: CaPOptions, input_shape: tuple[int, ...]) -> list[int] | None:
     """Ranks of `groups` meeting the MAC target (None if none do)."""
     widths = [g.width for g in groups]
-    target = options.macs * count(model, input_shape).macs_dense
 
     def ranks_for(level: float) -> list[int]:
         if options.ranks == "uniform":
@@ -251,12 +249,13 @@ def choose_ranks(model: nn.Module, graph: ChannelGraph, groups: list[ChannelGrou
         return ranks
 
     thin_macs = width_macs(model, graph, input_shape)
+    target = options.macs * thin_macs({})   # {}: every group whole, the model's own MACs
 
     def macs(ranks: list[int]) -> int:
         return thin_macs({g.name: r for g, r in zip(groups, ranks)})
 
     if not groups:
-        return [] if count(model, input_shape).macs_dense <= target else None
+        return [] if thin_macs({}) <= target else None
     ranks = ranks_for(largest_fraction(lambda level: macs(ranks_for(level)) <= target))
     if macs(ranks) > target:
         return None

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..measure import count
 from .base import Method, register_method
 from .channel_graph import ChannelGraph, channel_graph
 from .channels import (fill_to_budget, filter_norms, group_widths, keep_channels, largest_fraction, rounded_width,
@@ -78,7 +77,6 @@ class L1Prune(Method):
         graph = channel_graph(model, example)   # an untraceable model fails here, before anything changes
         if not graph.groups:
             raise ConfigError(f"method 'l1prune': {type(model).__name__} has no removable channel group")
-        target = self.options.macs * count(model, shape).macs_dense
         round_to = self.options.round_to
 
         widths = [group.width for group in graph.groups]
@@ -88,6 +86,7 @@ class L1Prune(Method):
             return [rounded_width(width, fraction, round_to) for width in widths]
 
         thin_macs = width_macs(model, graph, shape)
+        target = self.options.macs * thin_macs({})   # {}: every group whole, the model's own MACs
 
         def fits(counts: list[int]) -> bool:
             return thin_macs({group.name: n for group, n in zip(graph.groups, counts)}) <= target
